@@ -1,0 +1,1 @@
+"""The payments-report HTTP API (Falcon, ASGI)."""

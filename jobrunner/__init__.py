@@ -1,0 +1,1 @@
+"""jobrunner: a Postgres-only job queue."""
