@@ -46,6 +46,12 @@ class DatabaseUnavailable(JobrunnerError):
     code = "database_unavailable"
 
 
+class MigrationsPending(DatabaseUnavailable):
+    """The database lacks migrations this code needs (HTTP 503; run `make migrate`)."""
+
+    code = "migrations_pending"
+
+
 # --- what a task says should happen to its job ---------------------------------------
 
 class TaskControl(JobrunnerError):
