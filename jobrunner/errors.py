@@ -52,6 +52,12 @@ class MigrationsPending(DatabaseUnavailable):
     code = "migrations_pending"
 
 
+class ReportDataError(JobrunnerError):
+    """The orders arrived in a shape the report cannot sum (schema drift, cut stream)."""
+
+    code = "report_data_error"
+
+
 # --- what a task says should happen to its job ---------------------------------------
 
 class TaskControl(JobrunnerError):

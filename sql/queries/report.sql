@@ -7,3 +7,32 @@ SELECT user_id, total FROM orders
 
 -- name: copy_orders_binary
 COPY (SELECT user_id, total FROM orders) TO STDOUT (FORMAT BINARY)
+
+-- name: payments_rows
+SELECT user_id, total FROM orders
+
+-- name: payments_lock
+-- The aggregation (jobrunner/aggregate.py) reads payments_rows as binary COPY, split
+-- into block (ctid) ranges (payments_rows_range) read in parallel on several
+-- connections that share one exported REPEATABLE READ snapshot.
+-- Held to the end of the read: no TRUNCATE / VACUUM FULL rewrites the table meanwhile.
+LOCK TABLE orders IN ACCESS SHARE MODE
+
+-- name: payments_snapshot
+-- Blocks are counted after the snapshot is taken, so every row it sees lies below.
+SELECT pg_export_snapshot() AS snapshot,
+       (pg_relation_size('orders') / current_setting('block_size')::bigint)::bigint AS nblocks
+
+-- name: payments_import_snapshot
+-- {snapshot} is filled in with psycopg.sql.Literal (utility statements take no parameters).
+SET TRANSACTION SNAPSHOT {snapshot}
+
+-- name: payments_set_range
+SELECT set_config('jobrunner.report_ctid_lo', $1, true),
+       set_config('jobrunner.report_ctid_hi', $2, true)
+
+-- name: payments_rows_range
+-- The same plain projection, restricted to a ctid range (a TID Range Scan).
+SELECT user_id, total FROM orders
+WHERE ctid >= current_setting('jobrunner.report_ctid_lo')::tid
+  AND ctid < current_setting('jobrunner.report_ctid_hi')::tid

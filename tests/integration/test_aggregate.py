@@ -1,0 +1,154 @@
+"""The payments aggregation against a real PostgreSQL, checked against SQL GROUP BY."""
+from __future__ import annotations
+
+import re
+
+import asyncpg
+import asyncio
+import pytest
+
+from jobrunner import aggregate, errors
+from jobrunner.db import asyncpg_connect_kwargs
+from jobrunner.sqlfile import queries
+
+PARALLELISM = [1, 2, 3, 5]
+
+
+def reference(conn) -> list[dict]:
+    rows = conn.execute(
+        "SELECT user_id, sum(total)::bigint FROM orders GROUP BY user_id ORDER BY user_id").fetchall()
+    return [{"user_id": u, "total_payment": t} for u, t in rows]
+
+
+def insert_random(conn, count: int, *, max_user: int, max_total: int, seed: float = 0.5) -> None:
+    conn.execute("SELECT setseed(%s)", [seed])
+    conn.execute(
+        "INSERT INTO orders (user_id, total) SELECT floor(random() * %(u)s)::int + 1,"
+        " floor(random() * (%(t)s::bigint + 1))::int FROM generate_series(1, %(n)s)",
+        {"u": max_user, "t": max_total, "n": count})
+
+
+def check(conn, db_url, parallelisms=PARALLELISM) -> list[dict]:
+    want = reference(conn)
+    for parallelism in parallelisms:
+        assert aggregate.payments(db_url, parallelism=parallelism) == want, parallelism
+    assert aggregate.payments(db_url) == want
+    return want
+
+
+def test_empty_table(conn, db_url):
+    assert check(conn, db_url) == []
+
+
+def test_one_user_one_order(conn, db_url):
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (42, 6380)")
+    assert check(conn, db_url) == [{"user_id": 42, "total_payment": 6380}]
+
+
+def test_one_user_many_orders_sum_beyond_int4(conn, db_url):
+    conn.execute("INSERT INTO orders (user_id, total) SELECT 7, 2147483647 FROM generate_series(1, 5000)")
+    assert check(conn, db_url) == [{"user_id": 7, "total_payment": 5000 * 2147483647}]
+
+
+def test_many_users_random(conn, db_url):
+    insert_random(conn, 200_000, max_user=20_000, max_total=1000)
+    want = check(conn, db_url)
+    assert len(want) > 19_000
+    assert all(type(r["user_id"]) is int and type(r["total_payment"]) is int for r in want)
+
+
+def test_ids_across_the_int4_range_and_big_totals(conn, db_url):
+    insert_random(conn, 60_000, max_user=2**31 - 2, max_total=2**31 - 1, seed=0.1)
+    insert_random(conn, 60_000, max_user=300, max_total=2**31 - 1, seed=0.2)
+    conn.execute("INSERT INTO orders (user_id, total) VALUES"
+                 " (2147483647, 2147483647), (2147483647, 2147483647), (0, 0), (1, 2147483647)")
+    want = check(conn, db_url)
+    assert want[0] == {"user_id": 0, "total_payment": 0}
+    assert want[-1]["user_id"] == 2**31 - 1 and want[-1]["total_payment"] >= 2**32 - 2
+    assert max(r["total_payment"] for r in want) > 2**31
+
+
+def test_users_whose_orders_total_zero_are_listed(conn, db_url):
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (1, 0), (1, 0), (2, 5), (3, 0)")
+    assert check(conn, db_url) == [{"user_id": 1, "total_payment": 0},
+                                   {"user_id": 2, "total_payment": 5},
+                                   {"user_id": 3, "total_payment": 0}]
+
+
+def test_dead_tuples_and_empty_pages(conn, db_url):
+    insert_random(conn, 150_000, max_user=5_000, max_total=10_000)
+    conn.execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
+    # whole pages emptied at the start, middle and end, plus scattered dead tuples
+    conn.execute("DELETE FROM orders WHERE id <= 20000 OR id BETWEEN 60000 AND 90000 OR id > 140000"
+                 " OR id % 7 = 0")
+    check(conn, db_url)
+    conn.execute("VACUUM orders")
+    check(conn, db_url)
+    conn.execute("UPDATE orders SET total = total + 1 WHERE id % 5 = 0")  # new versions at the end
+    insert_random(conn, 10_000, max_user=5_000, max_total=10_000, seed=0.9)  # refills freed space
+    check(conn, db_url)
+
+
+def test_more_connections_than_pages(conn, db_url):
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (1, 1), (2, 2), (1, 3)")
+    assert aggregate.payments(db_url, parallelism=16) == [
+        {"user_id": 1, "total_payment": 4}, {"user_id": 2, "total_payment": 2}]
+
+
+def test_parallel_parts_meet_exactly_at_block_boundaries(conn, db_url):
+    """Rows sit in the first and last slot of every page; each part boundary falls on a
+    page holding rows, so a row read twice or missed at a boundary changes the sums."""
+    insert_random(conn, 30_000, max_user=3, max_total=100)
+    nblocks = conn.execute("SELECT pg_relation_size('orders') / current_setting('block_size')::int").fetchone()[0]
+    assert nblocks > 16
+    for parallelism in range(2, 10):
+        assert aggregate.payments(db_url, parallelism=parallelism) == reference(conn), parallelism
+
+
+def test_parts_share_one_snapshot(conn, db_url, monkeypatch):
+    """A commit landing while the parts are being read must not show up in some parts
+    and not in others: every part reads in the snapshot exported by the first."""
+    insert_random(conn, 50_000, max_user=100, max_total=100)
+    before = reference(conn)
+    real_copy_part = aggregate._copy_part
+    calls = 0
+
+    async def copy_part_after_a_concurrent_write(db, query, acc, batch_bytes):
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the snapshot is taken; now another session commits changes
+            conn.execute("UPDATE orders SET total = total + 1000")
+            conn.execute("INSERT INTO orders (user_id, total) SELECT 1, 5 FROM generate_series(1, 1000)")
+        return await real_copy_part(db, query, acc, batch_bytes)
+
+    monkeypatch.setattr(aggregate, "_copy_part", copy_part_after_a_concurrent_write)
+    assert aggregate.payments(db_url, parallelism=4) == before
+    assert calls == 4
+    monkeypatch.setattr(aggregate, "_copy_part", real_copy_part)
+    assert aggregate.payments(db_url, parallelism=4) == reference(conn) != before
+
+
+def test_report_queries_do_not_aggregate_in_sql():
+    q = queries("report")
+    assert q["payments_rows"] == "SELECT user_id, total FROM orders"
+    for name in ("payments_rows", "payments_rows_range"):
+        text = re.sub(r"--[^\n]*", "", q[name]).strip().lower()
+        assert text.startswith("select user_id, total from orders"), name
+        assert not re.search(r"\b(sum|count|avg|min|max|group\s+by|over|distinct|having)\b", text), name
+
+
+def test_unreachable_database_raises_database_unavailable(tmp_path):
+    with pytest.raises(errors.DatabaseUnavailable):
+        aggregate.payments(f"postgresql://nobody@/nothing?host={tmp_path}&port=1")
+
+
+def test_asyncpg_kwargs_connect_to_the_test_database(db_url):
+    async def current_database():
+        conn = await asyncpg.connect(**asyncpg_connect_kwargs(db_url))
+        try:
+            return await conn.fetchval("SELECT current_database()")
+        finally:
+            await conn.close()
+
+    from psycopg.conninfo import conninfo_to_dict
+    assert asyncio.run(current_database()) == conninfo_to_dict(db_url)["dbname"]
