@@ -11,6 +11,7 @@ back. While the database cannot be reached, `connection()` raises
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -27,11 +28,24 @@ APPLICATION_NAME = "jobrunner-api"
 
 
 class Database:
-    """The database of one API process: its URL and its connection pool."""
+    """The database of one API process: its URL and its connection pool.
+
+    Recovery after an outage: psycopg_pool retries failed connection attempts with an
+    exponential backoff, so once the database is back the pool may still sleep for many
+    seconds before trying again. When a checkout times out, one direct connection
+    attempt tells an outage (the database refuses: 503 at once, `degraded`) from a busy
+    pool. While degraded, each request first probes the database directly (one probe at
+    a time); the first probe that succeeds replaces the pool with a fresh one, which
+    connects immediately. So requests fail fast during the outage and succeed as soon as
+    the database is back.
+    """
 
     def __init__(self, url: str | None = None) -> None:
         self._url = url
         self.pool: AsyncConnectionPool | None = None
+        self.degraded = False
+        self._probe_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task] = set()
 
     @property
     def url(self) -> str:
@@ -40,10 +54,8 @@ class Database:
             self._url = jobrunner_db.database_url()
         return self._url
 
-    async def open(self) -> None:
-        if self.pool is not None:
-            return
-        self.pool = AsyncConnectionPool(
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
             self.url,
             open=False,
             name="api",
@@ -57,6 +69,11 @@ class Database:
                 "connect_timeout": config.env_int("DB_CONNECT_TIMEOUT", 5),
             },
         )
+
+    async def open(self) -> None:
+        if self.pool is not None:
+            return
+        self.pool = self._new_pool()
         # wait=False: the worker must start even when the database is down.
         await self.pool.open(wait=False)
         log.info("database pool opened (max %d connections)", self.pool.max_size)
@@ -66,17 +83,58 @@ class Database:
             return
         pool, self.pool = self.pool, None
         await pool.close(timeout=5.0)
+        for task in list(self._closing):
+            await task
         log.info("database pool closed")
+
+    async def _probe(self) -> bool:
+        """Can a new connection be made right now?"""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, application_name=APPLICATION_NAME,
+                connect_timeout=config.env_int("DB_CONNECT_TIMEOUT", 5))
+        except psycopg.Error:
+            return False
+        await conn.close()
+        return True
+
+    async def _renew_pool(self) -> None:
+        old, self.pool = self.pool, self._new_pool()
+        await self.pool.open(wait=False)
+        if old is not None:
+            task = asyncio.create_task(old.close(timeout=5.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _usable_pool(self) -> AsyncConnectionPool:
+        if self.pool is None:
+            raise errors.DatabaseUnavailable("the database pool is not open")
+        if not self.degraded:
+            return self.pool
+        async with self._probe_lock:
+            if self.degraded:
+                if not await self._probe():
+                    raise errors.DatabaseUnavailable("the database cannot be reached")
+                await self._renew_pool()
+                self.degraded = False
+                log.info("database reachable again: connection pool renewed")
+        return self.pool
 
     @asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
         """A pooled autocommit connection; DatabaseUnavailable when none can be had."""
-        if self.pool is None:
-            raise errors.DatabaseUnavailable("the database pool is not open")
+        pool = await self._usable_pool()
         try:
-            async with self.pool.connection(timeout=timeout) as conn:
-                yield conn
+            conn = await pool.getconn(timeout=timeout)
         except PoolTimeout as exc:
-            raise errors.DatabaseUnavailable("no database connection could be obtained") from exc
+            if await self._probe():
+                raise errors.DatabaseUnavailable("all database connections are busy") from exc
+            self.degraded = True
+            log.warning("database unreachable: requests answer 503 until it is back")
+            raise errors.DatabaseUnavailable("the database cannot be reached") from exc
+        try:
+            yield conn
         except psycopg.OperationalError as exc:
             raise errors.DatabaseUnavailable(f"the database connection failed: {exc}") from exc
+        finally:
+            await pool.putconn(conn)

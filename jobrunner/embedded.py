@@ -23,7 +23,12 @@ def _server(data_dir: Path | None = None):
 
 def start(data_dir: Path | None = None) -> str:
     """Start (or re-attach to) the embedded server; return its URL."""
-    return _server(data_dir).get_uri()
+    server = _server(data_dir)
+    # pgserver caches one handle per data dir: after stop() in this process the cached
+    # handle still believes the server runs, so make sure it does.
+    with server._lock:
+        server.ensure_postgres_running()
+    return server.get_uri()
 
 
 def _pg_ctl(data_dir: Path, *args: str) -> None:
