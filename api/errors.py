@@ -1,7 +1,8 @@
 """One error handler for the whole API, one JSON shape for every error.
 
 Every error answers `{"title": ..., "description": ..., "code": ...}`: `title` and
-`description` as Falcon emits them, `code` a stable machine-readable string. Sources:
+`description` as Falcon emits them (the title defaults to the status line, e.g.
+`404 Not Found`), `code` a stable machine-readable string. Sources:
 
 - Falcon's own errors (404 unknown route, 405 wrong method with `Allow`, 400 bad media,
   and any `falcon.HTTPError` a responder raises): status, headers and texts are kept;
@@ -68,6 +69,11 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
+def status_line(status: int) -> str:
+    """`404` -> `404 Not Found`: Falcon's default error title."""
+    return falcon.code_to_http_status(status)
+
+
 def code_for_status(status: int) -> str:
     """`404` -> `not_found`, `405` -> `method_not_allowed`, ..."""
     return re.sub(r"[^a-z0-9]+", "_", _phrase(status).lower()).strip("_") or "error"
@@ -95,7 +101,7 @@ def describe(req: falcon.Request, ex: BaseException) -> tuple[int, dict, dict[st
         status = ex.status_code
         headers = dict(ex.headers or {})
         body = {
-            "title": ex.title or _phrase(status),
+            "title": ex.title or status_line(status),
             "description": ex.description or _default_description(req, status, headers),
             "code": str(ex.code) if ex.code is not None else code_for_status(status),
         }
@@ -104,21 +110,21 @@ def describe(req: falcon.Request, ex: BaseException) -> tuple[int, dict, dict[st
         status = domain_status(ex)
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
         if status == 500:
-            body = {"title": _phrase(500), "description": "An unexpected error occurred.",
+            body = {"title": status_line(500), "description": "An unexpected error occurred.",
                     "code": "internal_error"}
         else:
-            body = {"title": _phrase(status), "description": str(ex) or _phrase(status) + ".",
+            body = {"title": status_line(status), "description": str(ex) or _phrase(status) + ".",
                     "code": ex.code}
         return status, body, headers
     if isinstance(ex, NOT_MIGRATED):
-        return 503, {"title": _phrase(503),
+        return 503, {"title": status_line(503),
                      "description": "The database schema is not migrated yet.",
                      "code": "database_not_migrated"}, {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if isinstance(ex, UNREACHABLE):
-        return 503, {"title": _phrase(503),
+        return 503, {"title": status_line(503),
                      "description": "The database cannot be reached right now; retry later.",
                      "code": errors.DatabaseUnavailable.code}, {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    return 500, {"title": _phrase(500), "description": "An unexpected error occurred.",
+    return 500, {"title": status_line(500), "description": "An unexpected error occurred.",
                  "code": "internal_error"}, {}
 
 
