@@ -44,5 +44,5 @@ accesslog = _env("GUNICORN_ACCESSLOG", "-")
 errorlog = "-"
 loglevel = _env("LOG_LEVEL", "info")
 access_log_format = (
-    '%(h)s "%(r)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s "%(a)s"'
+    '%(t)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s "%(a)s"'
 )

@@ -10,10 +10,17 @@ Per worker process: the lifespan startup (after gunicorn's fork) opens the datab
 pool; the lifespan shutdown (after in-flight requests drained) closes it. Other
 per-process services (e.g. a LISTEN connection) hook in the same way:
 `context.on_startup.append(coro_fn)` / `context.on_shutdown.append(coro_fn)`.
+
+Shutdown: gunicorn's ASGI worker drains in-flight requests on SIGTERM (up to
+graceful_timeout) and only then runs the lifespan shutdown. Long-running requests
+(long-polls) learn of the SIGTERM earlier through `context.shutting_down`, an
+asyncio.Event set as soon as the signal arrives, so they can answer at once.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -38,6 +45,8 @@ class AppContext:
     openapi: dict = field(default_factory=dict)
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Set when the process is asked to stop (SIGTERM/SIGINT/SIGQUIT) or shuts down.
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Lifespan:
@@ -46,13 +55,39 @@ class Lifespan:
     def __init__(self, context: AppContext) -> None:
         self.context = context
 
+    def _watch_stop_signals(self) -> None:
+        """Chain a handler that sets `shutting_down` before the server's own handler.
+
+        gunicorn's worker registers its handlers on the event loop; asyncio keeps one
+        handler per signal, so ours calls the previous one. Where there is none (tests,
+        other servers) nothing is changed.
+        """
+        loop = asyncio.get_running_loop()
+        handlers = getattr(loop, "_signal_handlers", None)
+        if not isinstance(handlers, dict):
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            previous = handlers.get(signum)
+            if previous is None:
+                continue
+
+            def on_signal(previous=previous, signum=signum) -> None:
+                if not self.context.shutting_down.is_set():
+                    log.info("%s received: stopping", signal.Signals(signum).name)
+                self.context.shutting_down.set()
+                previous._run()
+
+            loop.add_signal_handler(signum, on_signal)
+
     async def process_startup(self, scope: dict, event: dict) -> None:
+        self._watch_stop_signals()
         await self.context.db.open()
         for hook in self.context.on_startup:
             await hook()
         log.info("API process ready")
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
+        self.context.shutting_down.set()
         for hook in reversed(self.context.on_shutdown):
             try:
                 await hook()

@@ -47,7 +47,7 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s request_id=%(request_id)s %(message)s"
+LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s request_id=%(request_id)s %(message)s"
 
 
 def configure_logging() -> None:

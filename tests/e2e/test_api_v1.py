@@ -71,7 +71,9 @@ def test_v1_lifecycle_from_empty_database(new_database, gunicorn):
         generated = http.get("/healthz", headers={"X-Request-ID": "x" * 500}).headers["x-request-id"]
         assert generated != "x" * 500 and len(generated) == 32
     server.stop()
-    assert f"request_id={mine}" in server.logs()  # the access log line carries the id
+    logs = server.logs()
+    assert f"request_id={mine}" in logs  # the access log line carries the id
+    assert "SIGTERM received: stopping" in logs and "API process stopped" in logs
 
 
 def _stop_start(pg_server):
