@@ -3,8 +3,10 @@
 The aggregation (jobrunner.aggregate, shared with the v2 worker) reads the orders with
 the plain projection of sql/queries/report.sql and sums per user in Python. It is
 synchronous and CPU-heavy, so it runs in a thread: the event loop keeps serving other
-requests (and long-polls) meanwhile. It opens its own connection from the URL and does
-not hold a pool connection.
+requests (and long-polls) meanwhile. It opens its own connections from the URL and
+holds no pool connection. At most REPORT_CONCURRENCY reports run at once per process
+(the others wait their turn), so a burst of v1 calls cannot exhaust the database's
+connections or the thread pool.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import asyncio
 
 import falcon
 
-from jobrunner import aggregate
+from jobrunner import aggregate, config
 
 from .openapi import error_responses, json_response
 
@@ -22,9 +24,11 @@ PATH = "/api/1.0/report/payments"
 class PaymentsReportV1:
     def __init__(self, context) -> None:
         self.db = context.db
+        self.slots = asyncio.Semaphore(max(1, config.env_int("REPORT_CONCURRENCY", 2)))
 
     async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = await asyncio.to_thread(aggregate.payments, self.db.url)
+        async with self.slots:
+            data = await asyncio.to_thread(aggregate.payments, self.db.url)
         resp.media = {"data": data}
 
 
