@@ -327,9 +327,13 @@ def complete(conn: psycopg.Connection, worker_id: str,
     Returns the ids written; the others were no longer held by this worker."""
     if not items:
         return set()
-    payload = json.dumps([{"id": i, "attempts": a, "result": r} for i, a, r in items],
-                         separators=(",", ":"), default=str)
-    rows = conn.execute(_Q["complete"], {"items": payload, "worker_id": worker_id}).fetchall()
+    ids, attempts, results = [], [], []
+    for job_id, attempt, result in items:
+        ids.append(job_id)
+        attempts.append(attempt)
+        results.append(None if result is None else json.dumps(result, separators=(",", ":")))
+    rows = conn.execute(_Q["complete"], {"ids": ids, "attempts": attempts, "results": results,
+                                         "worker_id": worker_id}, binary=True).fetchall()
     return {row[0] for row in rows}
 
 

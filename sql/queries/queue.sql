@@ -131,19 +131,21 @@ SELECT id, state, pg_notify('jobrunner_done', json_build_object('id', id, 'state
 FROM upd
 
 -- name: complete
--- Batch completion. %(items)s: [{"id", "attempts", "result"}, ...]. Only rows this worker
+-- Batch completion: parallel arrays of ids, attempts and results (JSON text or NULL),
+-- sent as binary arrays (cheaper to ship and parse than a JSON document). Only rows this worker
 -- still holds in that very attempt change (the lease token), so a late finisher never
 -- overwrites a re-claimed job nor writes a second result. The result row is written in
 -- the same statement (and transaction) as the succeeded state.
 WITH f AS (
-    SELECT * FROM jsonb_to_recordset(%(items)s::jsonb) AS f(id bigint, attempts integer, result jsonb)
+    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(results)s::text[])
+        AS f(id, attempts, result)
 ), done AS (
     UPDATE jobs j
     SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL
     FROM f
     WHERE j.id = f.id AND j.attempts = f.attempts AND j.worker_id = %(worker_id)s
       AND j.state = 'running'
-    RETURNING j.id, j.attempts, f.result
+    RETURNING j.id, j.attempts, f.result::jsonb AS result
 ), saved AS (
     INSERT INTO results (job_id, result, attempts, finished_at)
     SELECT id, result, attempts, now() FROM done

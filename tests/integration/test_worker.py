@@ -1,0 +1,247 @@
+"""The worker's behaviour, run in-process (threads) against a real Postgres.
+
+Real worker processes are exercised in tests/e2e and tests/fault.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta
+
+import psycopg
+import pytest
+
+from jobrunner import errors, queue
+from jobrunner.listener import Listener
+from jobrunner.tasks import current_job, task
+from jobrunner.worker import Worker, WorkerConfig, parse_duration
+from tests.workers import wait_until
+
+
+# Tasks only these tests use (registered in this process, where the worker runs).
+@task("tests.slow_uncooperative", timeout=0.3, max_attempts=1)
+def _slow_uncooperative(seconds: float = 3.0) -> str:
+    time.sleep(seconds)
+    return "too late"
+
+
+@task("tests.not_json")
+def _not_json() -> object:
+    return object()
+
+
+@task("tests.value_check")
+def _value_check(n: int) -> int:
+    if not isinstance(n, int):
+        raise errors.PermanentFailure("n must be an integer")
+    return n * 2
+
+
+@task("tests.record_order")
+def _record_order(tag: str) -> dict:
+    return {"tag": tag, "attempt": current_job().attempt}
+
+
+@pytest.fixture
+def run_worker(db_url):
+    workers: list[tuple[Worker, threading.Thread]] = []
+
+    def start(**overrides) -> Worker:
+        cfg = WorkerConfig(**{"poll_interval": 0.2, "concurrency": 4, "grace": 2.0, **overrides})
+        worker = Worker(db_url, cfg)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        assert worker.started.wait(10)
+        workers.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, thread in workers:
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def final(conn, job_id, timeout=30.0) -> queue.Job:
+    return wait_until(lambda: (j := queue.get(job_id, conn=conn)).state in queue.FINAL_STATES and j,
+                      timeout, what=f"job {job_id} to finish")
+
+
+def test_runs_jobs_and_stores_results(conn, run_worker):
+    run_worker()
+    job = queue.enqueue("tests.value_check", {"n": 21}, conn=conn)
+    done = final(conn, job.id)
+    assert done.state == "succeeded" and done.result == 42 and done.attempts == 1
+    assert conn.execute("SELECT result, attempts FROM results WHERE job_id = %s",
+                        (job.id,)).fetchall() == [(42, 1)]
+
+
+def test_failing_task_retries_with_backoff_then_dies(conn, run_worker):
+    run_worker()
+    job = queue.enqueue("jobrunner.fail", {"message": "nope"}, max_attempts=3, conn=conn)
+    dead = final(conn, job.id)
+    assert dead.state == "dead" and dead.attempts == 3 and dead.last_error == "nope"
+    assert [e["attempt"] for e in dead.errors] == [1, 2, 3]
+    assert all(e["error_type"] == "RuntimeError" and "Traceback" in e["traceback"]
+               for e in dead.errors)
+    # jobrunner.fail backs off 0.2 s * 2**(attempt-1), +-20% jitter
+    at = [datetime.fromisoformat(e["at"]) for e in dead.errors]
+    retry_at = [e["retry_at"] and datetime.fromisoformat(e["retry_at"]) for e in dead.errors]
+    for i, raw in enumerate([0.2, 0.4]):
+        delay = (retry_at[i] - at[i]).total_seconds()
+        assert raw * 0.8 - 1e-3 <= delay <= raw * 1.2 + 1e-3
+        assert at[i + 1] >= retry_at[i]          # the next attempt did not start early
+    assert retry_at[2] is None
+    assert conn.execute("SELECT count(*) FROM results").fetchone()[0] == 0
+
+
+def test_unknown_task_and_rejected_args_are_dead_at_once(conn, run_worker):
+    run_worker()
+    unknown = queue.enqueue("no.such.task", conn=conn)
+    bad_args = queue.enqueue("jobrunner.sleep", {"secs": 1}, conn=conn)
+    bad_value = queue.enqueue("tests.value_check", {"n": "x"}, conn=conn)
+    for job_id, needle in [(unknown.id, "unknown task 'no.such.task'"),
+                           (bad_args.id, "rejected its args"),
+                           (bad_value.id, "n must be an integer")]:
+        dead = final(conn, job_id)
+        assert dead.state == "dead" and dead.attempts == 1, dead
+        assert needle in dead.last_error
+        assert len(dead.errors) == 1
+
+
+def test_result_that_is_not_json_is_a_permanent_failure(conn, run_worker):
+    run_worker()
+    dead = final(conn, queue.enqueue("tests.not_json", conn=conn).id)
+    assert dead.state == "dead" and dead.errors[0]["error_type"] == "ResultNotSerialisable"
+
+
+def test_timeout_counts_as_failed_attempt_and_late_result_is_discarded(conn, run_worker):
+    worker = run_worker(concurrency=1)
+    slow = queue.enqueue("tests.slow_uncooperative", {"seconds": 1.5}, conn=conn)
+    dead = final(conn, slow.id)
+    assert dead.state == "dead" and dead.errors[0]["error_type"] == "TaskTimeout"
+    # the slot was replaced: another job runs while the overrunning task still sleeps
+    quick = queue.enqueue("jobrunner.noop", conn=conn)
+    assert final(conn, quick.id).state == "succeeded"
+    time.sleep(1.6)  # the abandoned task returns now; its result must not be written
+    assert queue.get(slow.id, conn=conn).state == "dead"
+    assert conn.execute("SELECT count(*) FROM results WHERE job_id = %s",
+                        (slow.id,)).fetchone()[0] == 0
+    assert worker.stats["timeouts"] == 1
+
+
+def test_cancel_running_job_is_cooperative(conn, run_worker):
+    run_worker()
+    job = queue.enqueue("jobrunner.sleep", {"seconds": 60}, conn=conn)
+    wait_until(lambda: queue.get(job.id, conn=conn).state == "running", what="running")
+    assert queue.cancel(job.id, conn=conn).cancel_requested
+    done = final(conn, job.id, timeout=10)
+    assert done.state == "cancelled" and done.finished_at
+
+
+def test_rolled_back_enqueue_never_runs(db_url, conn, run_worker):
+    run_worker()
+    with psycopg.connect(db_url) as tx:
+        ghost = queue.enqueue("tests.record_order", {"tag": "ghost"}, conn=tx)
+        tx.rollback()
+    marker = queue.enqueue("tests.record_order", {"tag": "marker"}, conn=conn)
+    assert final(conn, marker.id).state == "succeeded"
+    time.sleep(0.5)  # a few more polls
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+    with pytest.raises(errors.JobNotFound):
+        queue.get(ghost.id, conn=conn)
+
+
+def test_future_run_at_is_not_run_early(conn, run_worker):
+    run_worker()
+    job = queue.enqueue("jobrunner.noop", delay=1.0, conn=conn)
+    done = final(conn, job.id)
+    assert done.state == "succeeded" and done.started_at >= done.run_at
+
+
+def test_higher_priority_runs_first(conn, run_worker):
+    ids = {}
+    for tag, priority in [("low", 10), ("mid", 0), ("high", -10), ("mid2", 0)]:
+        ids[tag] = queue.enqueue("tests.record_order", {"tag": tag}, priority=priority, conn=conn).id
+    run_worker(concurrency=1)
+    for job_id in ids.values():
+        final(conn, job_id)
+    order = [row[0] for row in conn.execute(
+        "SELECT args->>'tag' FROM jobs ORDER BY started_at, id")]
+    assert order == ["high", "mid", "mid2", "low"]
+
+
+def test_notify_wakes_an_idle_worker_before_the_poll_interval(conn, run_worker):
+    worker = run_worker(poll_interval=30.0)
+    assert worker._listener.wait_connected(10)
+    time.sleep(0.3)  # idle: the first poll is over
+    job = queue.enqueue("jobrunner.noop", conn=conn)
+    done = final(conn, job.id, timeout=10)   # far less than the 30 s poll interval
+    assert done.state == "succeeded"
+
+
+def test_sigterm_style_stop_releases_unfinished_jobs_uncounted(conn, db_url):
+    worker = Worker(db_url, WorkerConfig(concurrency=2, poll_interval=0.2, grace=0.5))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    long = [queue.enqueue("jobrunner.sleep", {"seconds": 30}, conn=conn).id for _ in range(2)]
+    waiting = queue.enqueue("jobrunner.sleep", {"seconds": 30}, conn=conn).id
+    wait_until(lambda: conn.execute("SELECT count(*) FROM jobs WHERE state = 'running'")
+               .fetchone()[0] == 2, what="two running")
+    worker.stop()
+    thread.join(20)
+    assert not thread.is_alive()
+    rows = conn.execute("SELECT id, state, attempts, worker_id FROM jobs ORDER BY id").fetchall()
+    assert rows == [(i, "queued", 0, None) for i in sorted(long + [waiting])]
+    assert worker.stats["released"] == 2
+
+
+def test_worker_survives_its_connections_being_killed(conn, run_worker):
+    run_worker(concurrency=2)
+    first = queue.enqueue("jobrunner.noop", conn=conn)
+    final(conn, first.id)
+    killed = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+    assert killed >= 2
+    ids = queue.enqueue_many("jobrunner.noop", [{}] * 50, conn=conn)
+    wait_until(lambda: conn.execute("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
+               .fetchone()[0] == 51, timeout=30, what="all succeeded")
+    assert conn.execute("SELECT count(*) FROM results WHERE job_id = ANY(%s)",
+                        (ids,)).fetchone()[0] == 50
+
+
+def test_listener_reconnects_and_calls_on_reconnect(db_url, conn):
+    got, reconnected = [], threading.Event()
+    listener = Listener(db_url, ["chan_a"], lambda n: got.append(n.payload),
+                        on_reconnect=reconnected.set, backoff=(0.05, 0.5)).start()
+    try:
+        assert listener.wait_connected(10)
+        conn.execute("SELECT pg_notify('chan_a', 'one')")
+        wait_until(lambda: got == ["one"], 5, what="first notification")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert reconnected.wait(10)
+        assert listener.wait_connected(10)
+        conn.execute("SELECT pg_notify('chan_a', 'two')")
+        wait_until(lambda: got == ["one", "two"], 5, what="notification after reconnect")
+    finally:
+        listener.stop()
+
+
+def test_report_payments_task_stores_the_aggregate(conn, run_worker):
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (2, 5), (1, 7), (2, 10)")
+    run_worker()
+    done = final(conn, queue.enqueue("report.payments", conn=conn).id)
+    assert done.state == "succeeded", done.errors
+    assert done.result == {"data": [{"user_id": 1, "total_payment": 7},
+                                    {"user_id": 2, "total_payment": 15}]}
+
+
+def test_parse_duration():
+    assert parse_duration("7d") == 7 * 86400
+    assert parse_duration("90m") == 5400
+    assert parse_duration("1.5") == 1.5
+    for bad in ("", "x", "-1s", "7y"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
