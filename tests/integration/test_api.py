@@ -118,3 +118,37 @@ def test_openapi_document_served(db_url):
     assert doc["openapi"].startswith("3.1")
     for path in ("/healthz", "/readyz", REPORT, "/openapi.json"):
         assert "get" in doc["paths"][path]
+
+
+def test_report_runs_off_the_event_loop(db_url, monkeypatch):
+    """While a report is being computed, the same process keeps answering.
+
+    The aggregation below only finishes once /healthz has been answered: were it run
+    on the event loop, /healthz could not be served and the report would fail.
+    """
+    import threading
+
+    from jobrunner import aggregate
+
+    healthz_answered = threading.Event()
+    real_payments = aggregate.payments
+
+    def slow_payments(url, **kwargs):
+        if not healthz_answered.wait(timeout=30):
+            raise RuntimeError("the event loop was blocked while the report ran")
+        return real_payments(url, **kwargs)
+
+    monkeypatch.setattr(aggregate, "payments", slow_payments)
+
+    async def run():
+        async with testing.ASGIConductor(create_app(db_url)) as conductor:
+            report = asyncio.create_task(conductor.simulate_get(REPORT))
+            await asyncio.sleep(0)  # let the report start first
+            health = await conductor.simulate_get("/healthz")
+            assert not report.done()
+            healthz_answered.set()
+            return health, await report
+
+    health, report = asyncio.run(run())
+    assert health.status_code == 200
+    assert report.status_code == 200 and report.json == {"data": []}
