@@ -7,7 +7,8 @@
             assert http.get("/readyz").status_code == 200
         async with server.async_client() as http: ...  # httpx.AsyncClient (many at once)
         server.logs()                                  # what gunicorn wrote so far
-        server.stop()                                  # SIGTERM; the fixture also stops it
+        server.send_signal(signal.SIGTERM)             # to the master; returns at once
+        server.stop()                                  # SIGTERM, wait, SIGKILL; the fixture also stops it
 
 Each server runs in its own process group; teardown sends SIGTERM and, after a grace
 period, SIGKILL to that group only, so no worker outlives the test.
@@ -67,13 +68,15 @@ class GunicornServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM (graceful), then SIGKILL to the whole process group; the exit status."""
+    def send_signal(self, signum: int = signal.SIGTERM) -> None:
+        """Signal the gunicorn master only (it relays to its workers), as a supervisor would."""
         if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM to the master (graceful), then SIGKILL to the whole group; the exit status."""
+        if self.process.poll() is None:
+            self.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
