@@ -98,7 +98,7 @@ def test_503_while_database_stopped_then_200_without_restarting_gunicorn(new_dat
         stop()
         try:
             for path in ("/readyz", REPORT):
-                resp = http.get(path)
+                resp = http.get(path, headers={"X-Request-ID": f"outage{path.replace('/', '-')}"})
                 assert_error(resp, 503, "database_unavailable")
                 assert int(resp.headers["retry-after"]) > 0
             assert http.get("/healthz").status_code == 200
@@ -111,7 +111,12 @@ def test_503_while_database_stopped_then_200_without_restarting_gunicorn(new_dat
         assert http.get("/readyz").status_code == 200
         assert http.get(REPORT).json() == expected
         assert server.alive() and server.process.pid == pid_before
-    assert "Traceback" not in server.logs()
+    server.stop()
+    logs = server.logs()
+    assert "Traceback" not in logs
+    for request_id in ("outage-readyz", "outage-api-1.0-report-payments"):
+        # every 5xx is logged by the app with its request id (not only in the access log)
+        assert f"api.errors request_id={request_id} " in logs
 
 
 @pytest.mark.fault
