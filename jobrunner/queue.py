@@ -302,8 +302,13 @@ def cancel(job_id: int, conn: psycopg.Connection | None = None) -> Job:
     Raises errors.JobNotFound."""
     if isinstance(job_id, bool) or not isinstance(job_id, int):
         raise errors.InvalidInput("job id must be an integer")
+    if not 1 <= job_id < 2**63:
+        raise errors.JobNotFound(job_id)
     with _transaction(conn) as c:
-        c.execute(_Q["cancel"], {"id": job_id})
+        try:
+            c.execute(_Q["cancel"], {"id": job_id})  # jobrunner_cancel(), sql/004
+        except psycopg.errors.NoDataFound:
+            raise errors.JobNotFound(job_id) from None
         return get(job_id, conn=c)
 
 

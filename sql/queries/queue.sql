@@ -44,20 +44,9 @@ WHERE j.id = %(id)s
 -- name: cancel
 -- Queued or waiting-for-retry jobs are cancelled at once; running ones are asked to stop
 -- (the task checks; the worker hears jobrunner_cancel). Finished jobs are left alone.
-WITH upd AS (
-    UPDATE jobs
-    SET state = CASE WHEN state = 'running' THEN state ELSE 'cancelled' END,
-        finished_at = CASE WHEN state = 'running' THEN finished_at ELSE now() END,
-        lease_expires_at = CASE WHEN state = 'running' THEN lease_expires_at END,
-        cancel_requested = true
-    WHERE id = %(id)s AND state IN ('queued', 'failed', 'running')
-    RETURNING id, state
-)
-SELECT id, state,
-       CASE WHEN state = 'cancelled'
-            THEN pg_notify('jobrunner_done', json_build_object('id', id, 'state', state)::text)
-            ELSE pg_notify('jobrunner_cancel', id::text) END AS notified
-FROM upd
+-- One implementation for Python and psql: the function jobrunner_cancel of
+-- sql/004_failed_jobs.sql (locks the row; raises no_data_found for an unknown id).
+SELECT id, state FROM jobrunner_cancel(%(id)s)
 
 -- name: claim
 -- One statement claims up to %(limit)s jobs of one queue for one worker: first jobs whose
