@@ -2,9 +2,12 @@
 
     jobrunner worker [--queues a,b] [--concurrency N] [--poll-interval S] [--lease S]
                      [--grace S] [--no-listen] [--tasks mod1,mod2] [--prune-older-than 7d]
+                     [--metrics-port N] [--metrics-addr HOST]
     jobrunner prune --older-than 7d [--batch-size N]
     jobrunner enqueue KIND [--args JSON] [--count N] [--queue Q] [--priority P]
                      [--delay S] [--max-attempts N]
+    jobrunner failed [--json] | retry ID | retry --dead [--queue Q] [--kind K] | cancel ID
+                     | discard ID | stats [--json]      (jobrunner/cli_failed.py)
 
 Each subcommand is a `register_*(subparsers)` function below that adds its parser and
 sets `func`; add new ones to COMMANDS (a command may live in its own module). Exit
@@ -75,10 +78,22 @@ def register_worker(sub) -> None:
     p.add_argument("--prune-older-than", type=_duration,
                    help="also prune finished jobs older than this, hourly (e.g. 7d; env "
                         "JOBRUNNER_PRUNE_OLDER_THAN)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve this worker's Prometheus metrics at http://ADDR:PORT/metrics "
+                        "(env JOBRUNNER_METRICS_PORT; default: off)")
+    p.add_argument("--metrics-addr",
+                   help="address of the metrics server (env JOBRUNNER_METRICS_ADDR, default "
+                        "127.0.0.1)")
     p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args) -> int:
+    import os
+
+    # A worker process serves its own figures (single-process mode): an inherited
+    # PROMETHEUS_MULTIPROC_DIR (the API's) must not be in effect when prometheus_client
+    # is first imported (by .worker).
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from .worker import Worker, WorkerConfig
 
     modules = args.tasks or config.env_str("JOBRUNNER_TASK_MODULES") or ""
@@ -103,6 +118,23 @@ def cmd_worker(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        metrics_port = args.metrics_port if args.metrics_port is not None else \
+            config.env_int("JOBRUNNER_METRICS_PORT", 0)
+    except ValueError:
+        raise errors.InvalidInput("JOBRUNNER_METRICS_PORT must be a port number") from None
+    if metrics_port:
+        from . import metrics
+
+        if not 0 < metrics_port < 65536:
+            raise errors.InvalidInput(f"--metrics-port must be from 1 to 65535, got {metrics_port}")
+        addr = args.metrics_addr or config.env_str("JOBRUNNER_METRICS_ADDR", "127.0.0.1")
+        try:
+            metrics.serve(metrics_port, addr)
+        except OSError as exc:
+            raise errors.InvalidInput(f"cannot serve metrics on {addr}:{metrics_port}: {exc}") from None
+        logging.getLogger("jobrunner.worker").info(
+            "metrics at http://%s:%d/metrics", addr, metrics_port)
     worker.run()
     return 0
 
@@ -159,6 +191,11 @@ def cmd_enqueue(args) -> int:
 # --- main --------------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [register_worker, register_prune, register_enqueue]
+
+# Failed jobs: failed, retry, cancel, discard, stats (jobrunner/cli_failed.py).
+from . import cli_failed  # noqa: E402
+
+COMMANDS += cli_failed.COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
