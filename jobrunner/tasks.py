@@ -37,6 +37,11 @@ class Task:
     timeout: float | None = None         # seconds; None: no limit
     backoff: tuple[float, float] = DEFAULT_BACKOFF  # (base, cap) seconds
     inline: bool = False                 # trivially fast: run on the dispatching thread
+    signature: inspect.Signature | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.signature is None:
+            object.__setattr__(self, "signature", inspect.signature(self.fn))
 
     def retry_delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds before the attempt after `attempt` (1-based): base * 2**(attempt-1),
@@ -47,7 +52,7 @@ class Task:
 
     def bind(self, args: Any) -> inspect.BoundArguments:
         """Check args against the signature; PermanentFailure if they can never fit."""
-        sig = inspect.signature(self.fn)
+        sig = self.signature
         try:
             if args is None:
                 return sig.bind()
@@ -55,9 +60,10 @@ class Task:
                 return sig.bind(**args)
             if isinstance(args, list):
                 return sig.bind(*args)
-            return sig.bind(args)
         except TypeError as exc:
             raise PermanentFailure(f"task {self.name!r} rejected its args: {exc}") from None
+        raise PermanentFailure(f"task {self.name!r} rejected its args: args must be a JSON "
+                               f"object (keyword arguments) or array (positional arguments)")
 
 
 _registry: dict[str, Task] = {}

@@ -35,13 +35,14 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import config, db, queue, tasks
+from . import config, db, metrics, queue, tasks
 from .errors import JobCancelled, PermanentFailure
 from .listener import Listener
 
 log = logging.getLogger("jobrunner.worker")
 
 DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
+INLINE_BATCH = 128  # claim size while the queue yields only inline (trivially fast) tasks
 
 
 @dataclass
@@ -107,6 +108,7 @@ class _Entry:
     claimed: queue.Claimed
     task: tasks.Task | None
     ctx: tasks.JobContext
+    bound: Any = None                # the args bound to the task's signature
     deadline: float | None = None    # monotonic; set when the task starts
     settled: bool = False            # an outcome was decided (by the task or the worker)
     abandoned: bool = False          # the worker gave up on the running task
@@ -192,7 +194,7 @@ class Worker:
         if cfg.listen:
             self._listener = Listener(
                 self.url, [queue.JOBS_CHANNEL, queue.CANCEL_CHANNEL], self._on_notify,
-                on_reconnect=self._wake.set).start()
+                on_reconnect=self._wake.set, role="worker").start()
         log.info("worker %s: queues=%s concurrency=%d poll=%.2fs lease=%.1fs listen=%s",
                  self.worker_id, ",".join(cfg.queues), cfg.concurrency, cfg.poll_interval,
                  cfg.lease, cfg.listen)
@@ -208,6 +210,7 @@ class Worker:
     def _dispatch_loop(self) -> None:
         conn = _RoleConnection(self._pool)
         backoff = 0.0
+        inline_streak = False
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -215,12 +218,16 @@ class Worker:
                 with self._lock:
                     # Free slots, but never more claimed-and-unwritten jobs than the
                     # completer can keep up with (inline tasks free their slot at once).
-                    free = min(self.cfg.concurrency - len(self._running),
-                               self._max_held - len(self._held))
-                full = False
-                if free > 0:
+                    room = self._max_held - len(self._held)
+                    free = min(self.cfg.concurrency - len(self._running), room)
+                    if inline_streak and free > 0:
+                        # The last batch was all trivially fast inline tasks (no-ops):
+                        # they never wait for a slot, so claim a bigger batch.
+                        free = min(max(free, INLINE_BATCH), room)
+                limit = min(free, self.cfg.max_batch)
+                if limit > 0:
                     try:
-                        claimed = self._claim(conn.get(), min(free, self.cfg.max_batch))
+                        claimed = self._claim(conn.get(), limit)
                         backoff = 0.0
                     except DB_ERRORS as exc:
                         conn.discard()
@@ -230,11 +237,11 @@ class Worker:
                                     str(exc).strip() or type(exc).__name__, backoff)
                         self._stop.wait(backoff * self._rng.uniform(0.8, 1.2))
                         continue
-                    full = len(claimed) == min(free, self.cfg.max_batch)
+                    inline_streak = bool(claimed)
                     for job in claimed:
-                        self._dispatch(job)
-                    if full:
-                        continue
+                        inline_streak = self._dispatch(job) and inline_streak
+                    if len(claimed) == limit:
+                        continue  # there may be more waiting
                 self._wake.wait(self._wait_time())
         finally:
             conn.release()
@@ -244,6 +251,7 @@ class Worker:
         for name in self.cfg.queues:
             got = queue.claim(conn, queue=name, limit=limit - len(out),
                               worker_id=self.worker_id, lease=self.cfg.lease)
+            metrics.observe_claim(name, got)
             if got:
                 with self._lock:
                     for job in got:
@@ -263,25 +271,27 @@ class Worker:
                     timeout = min(timeout, max(0.0, entry.deadline - now) + 0.01)
         return timeout
 
-    def _dispatch(self, job: queue.Claimed) -> None:
+    def _dispatch(self, job: queue.Claimed) -> bool:
+        """Start a claimed job; True if it ran inline (or failed before it ran)."""
         ctx = tasks.JobContext(job.id, job.kind, job.queue, job.args, job.attempts,
                                job.max_attempts, self.worker_id, self.url)
         if job.cancel_requested:
             ctx._cancel.set()
         try:
             task = tasks.get_task(job.kind)
-            task.bind(job.args)
+            bound = task.bind(job.args)
         except PermanentFailure as exc:
             self._outcomes.put(("failed", job, queue.Failure(
                 job.id, job.attempts, "PermanentFailure", str(exc), None, permanent=True)))
-            return
-        entry = _Entry(job, task, ctx)
+            return True
+        entry = _Entry(job, task, ctx, bound)
         with self._lock:
             self._running[job.id] = entry
         if task.inline and task.timeout is None:
             self._execute(entry)
-        else:
-            self._todo.put(entry)
+            return True
+        self._todo.put(entry)
+        return False
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == queue.JOBS_CHANNEL:
@@ -323,8 +333,8 @@ class Worker:
             self._wake.set()  # let the dispatcher account for the deadline
         tasks._set_current(ctx)
         try:
-            bound = task.bind(job.args)
-            result = task.fn(*bound.args, **bound.kwargs)
+            with metrics.RUN_SECONDS.labels(job.queue, job.kind).time():
+                result = task.fn(*entry.bound.args, **entry.bound.kwargs)
             try:
                 json.dumps(result)
             except (TypeError, ValueError) as exc:
@@ -452,10 +462,12 @@ class Worker:
                 released.append((job.id, job.attempts))
         out = queue.finish(conn, self.worker_id, succeeded=succeeded, failed=failed,
                            cancelled=cancelled, released=released)
+        metrics.observe_outcomes(batch, out)
         with self._lock:
             for _, job, _ in batch:
                 if self._held.get(job.id) == job.attempts:
                     del self._held[job.id]
+        self._wake.set()  # room under the held-jobs limit again
         self.stats["succeeded"] += len(out.succeeded)
         self.stats["cancelled"] += len(out.cancelled)
         self.stats["released"] += len(out.released)
