@@ -27,14 +27,14 @@ from typing import Awaitable, Callable
 import falcon
 import falcon.asgi
 
-from . import errors, health, openapi, reports_v1
+from . import admin, auth, errors, health, openapi, reports_v1
 from .db import Database
 from .middleware import RequestIdMiddleware, configure_logging
 
 log = logging.getLogger("api.app")
 
 # Every resource module, in the order their routes and OpenAPI parts are added.
-MODULES = (health, reports_v1, openapi)
+MODULES = (health, reports_v1, admin, auth, openapi)
 
 
 @dataclass
@@ -101,8 +101,9 @@ def create_app(database_url: str | None = None) -> falcon.asgi.App:
     """The app; `database_url` defaults to jobrunner.db.database_url() at startup."""
     configure_logging()
     context = AppContext(db=Database(database_url))
-    context.openapi = openapi.build(MODULES)
-    app = falcon.asgi.App(middleware=[RequestIdMiddleware(), Lifespan(context)])
+    context.openapi = auth.secure_document(openapi.build(MODULES))
+    app = falcon.asgi.App(middleware=[RequestIdMiddleware(), auth.AuthMiddleware.from_env(),
+                                       Lifespan(context)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     for module in MODULES:

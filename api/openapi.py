@@ -71,6 +71,7 @@ BASE: dict = {
 # Error responses shared by operations: status -> description.
 _ERROR_DESCRIPTIONS = {
     400: "Invalid input.",
+    401: "Missing or wrong bearer token (WWW-Authenticate names the scheme).",
     404: "Not found.",
     405: "Method not allowed (the Allow header lists the allowed ones).",
     409: "Conflict with the current state.",
@@ -85,6 +86,9 @@ def _error_response(status: int) -> dict:
         headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
     if status == 405:
         headers["Allow"] = {"description": "Allowed methods.", "schema": {"type": "string"}}
+    if status == 401:
+        headers["WWW-Authenticate"] = {"description": "The authentication scheme: Bearer.",
+                                       "schema": {"type": "string"}}
     return {
         "description": _ERROR_DESCRIPTIONS.get(status, http.HTTPStatus(status).phrase),
         "headers": headers,

@@ -34,3 +34,9 @@ SELECT job_id FROM jobrunner_retry_dead(queue => %(queue)s::text, kind => %(kind
 
 -- name: discard
 SELECT * FROM jobrunner_discard(%(id)s)
+
+-- name: get
+SELECT * FROM jobs WHERE id = %(id)s
+
+-- name: cancel
+SELECT * FROM jobrunner_cancel(%(id)s)
