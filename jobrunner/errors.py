@@ -20,6 +20,24 @@ class InvalidInput(JobrunnerError):
     code = "invalid_input"
 
 
+class InvalidJobId(InvalidInput):
+    """A job id that is not a positive 64-bit integer (HTTP 400)."""
+
+    code = "invalid_job_id"
+
+
+class InvalidWait(InvalidInput):
+    """A long-poll `wait` outside 0 < wait <= 60 seconds, or not a number (HTTP 400)."""
+
+    code = "invalid_wait"
+
+
+class InvalidIdempotencyKey(InvalidInput):
+    """An Idempotency-Key header that is empty, too long or has odd characters (HTTP 400)."""
+
+    code = "invalid_idempotency_key"
+
+
 class NotFound(JobrunnerError):
     """The thing named does not exist (HTTP 404, CLI status 1)."""
 

@@ -1,0 +1,244 @@
+"""Job completion for long-polls: one LISTEN connection per API process, any number of
+waiters.
+
+    hub = CompletionHub(url_fn, fetch)        # fetch(ids) -> {id: view}; one query
+    await hub.start(shutting_down)            # lifespan startup (after the fork)
+    future = hub.register(job_id)             # before reading the job's state!
+    ...                                       # read; if final answer; else await future
+    hub.discard(job_id, future)               # always (finally)
+    await hub.stop()                          # lifespan shutdown
+
+- The listener is one dedicated autocommit psycopg AsyncConnection (never from the
+  pool) on the process's event loop, LISTENing on `jobrunner_done`, whose payload is
+  `{"id": ..., "state": ...}`. Its application_name is `jobrunner-api-listener:<pid>`,
+  so pg_stat_activity shows which process it belongs to.
+- Dispatch is O(1) per notification: a dict lookup of the job id; ids that someone
+  waits for are collected and one reader task fetches them in one query per batch, then
+  resolves every waiter of each job with that one read (`view.final` only). Waiters
+  hold no database connection while they wait; on the hot path nothing is done per
+  waiter but resolving its future.
+- Notifications sent while the listener was disconnected are lost, so after every
+  (re)connection every job someone waits for is read again. Handlers also re-read at
+  their deadline, so nothing waits past it or answers stale.
+- When the process is told to stop (`shutting_down`), every waiter is answered with
+  the job's current state (one query) and new waits answer at once.
+
+A waiter's future resolves to a view (answer with it) or to WAKE (read the job
+yourself: it vanished, or the batched read failed during shutdown).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+from typing import Any, Awaitable, Callable, Iterable
+
+import psycopg
+from psycopg import sql
+
+from jobrunner import config
+from jobrunner.queue import DONE_CHANNEL
+
+log = logging.getLogger("api.completion")
+
+WAKE = object()   # "read the job yourself"
+
+
+class CompletionHub:
+    def __init__(self, url: Callable[[], str], fetch: Callable[[Iterable[int]], Awaitable[dict[int, Any]]],
+                 *, channel: str = DONE_CHANNEL, ping_every: float = 5.0,
+                 backoff: tuple[float, float] = (0.1, 2.0), batch: int = 1000) -> None:
+        self._url = url
+        self._fetch = fetch
+        self.channel = channel
+        self.ping_every = ping_every
+        self.backoff = backoff
+        self.batch = batch
+        self._waiters: dict[int, set[asyncio.Future]] = {}
+        self._pending: set[int] = set()
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.connected: asyncio.Event | None = None
+        self.closed = False
+        self.connects = 0
+        self.notifications = 0
+
+    @property
+    def application_name(self) -> str:
+        """Of the LISTEN connection; the pid is read at connect time (after the fork)."""
+        return f"jobrunner-api-listener:{os.getpid()}"
+
+    # --- waiters -------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Number of waiters (for logs and tests)."""
+        return sum(len(s) for s in self._waiters.values())
+
+    def register(self, job_id: int) -> asyncio.Future:
+        """A future resolved when job_id reaches a final state (or the process stops)."""
+        future = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_result(WAKE)
+            return future
+        self._waiters.setdefault(job_id, set()).add(future)
+        return future
+
+    def discard(self, job_id: int, future: asyncio.Future) -> None:
+        waiters = self._waiters.get(job_id)
+        if waiters is not None:
+            waiters.discard(future)
+            if not waiters:
+                del self._waiters[job_id]
+
+    def _resolve(self, job_id: int, result: Any) -> None:
+        for future in self._waiters.pop(job_id, ()):
+            if not future.done():
+                future.set_result(result)
+
+    # --- notifications ---------------------------------------------------------------
+
+    def on_notify(self, payload: str) -> None:
+        """One `jobrunner_done` notification: O(1), no I/O."""
+        self.notifications += 1
+        try:
+            job_id = int(json.loads(payload)["id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("listener: ignoring malformed notification %r", payload[:200])
+            return
+        if job_id in self._waiters:
+            self._pending.add(job_id)
+            self._wake.set()
+
+    def recheck(self) -> None:
+        """Read again every job someone waits for (after a reconnect)."""
+        if self._waiters:
+            self._pending.update(self._waiters)
+            self._wake.set()
+
+    async def _reader(self) -> None:
+        """Reads notified jobs in batches and answers their waiters."""
+        delay = self.backoff[0]
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ids = [job_id for job_id in self._pending if job_id in self._waiters]
+            self._pending.clear()
+            for start in range(0, len(ids), self.batch):
+                chunk = ids[start:start + self.batch]
+                try:
+                    views = await self._fetch(chunk)
+                except Exception as exc:  # noqa: BLE001 - the database may be down
+                    log.warning("listener: reading %d job(s) failed (%s); retrying in %.1fs",
+                                len(chunk), exc, delay)
+                    self._pending.update(chunk)
+                    self._pending.update(ids[start + self.batch:])
+                    await asyncio.sleep(delay)
+                    delay = min(self.backoff[1], delay * 2)
+                    self._wake.set()
+                    break
+                delay = self.backoff[0]
+                for job_id in chunk:
+                    view = views.get(job_id)
+                    if view is None:
+                        self._resolve(job_id, WAKE)       # gone: let the handler say 404
+                    elif view.final:
+                        self._resolve(job_id, view)
+
+    # --- the LISTEN connection ----------------------------------------------------------
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        conn = await psycopg.AsyncConnection.connect(
+            self._url(), autocommit=True, application_name=self.application_name,
+            connect_timeout=config.env_int("DB_CONNECT_TIMEOUT", 5))
+        try:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _listen(self) -> None:
+        delay = self.backoff[0]
+        while True:
+            try:
+                conn = await self._connect()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("listener: cannot connect (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(self.backoff[1], delay * 2)
+                continue
+            delay = self.backoff[0]
+            self.connects += 1
+            self.connected.set()
+            log.info("listener: listening on %s%s", self.channel,
+                     " (reconnected: re-reading waited jobs)" if self.connects > 1 else "")
+            # Whatever finished while nobody listened (or before the first LISTEN).
+            self.recheck()
+            try:
+                while True:
+                    async for notify in conn.notifies(timeout=self.ping_every):
+                        self.on_notify(notify.payload)
+                    # A server that vanished without closing the socket shows up here.
+                    await conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                log.warning("listener: connection lost (%s); reconnecting", exc)
+            finally:
+                self.connected.clear()
+                try:
+                    await conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    pass
+
+    # --- shutdown ----------------------------------------------------------------------
+
+    async def release_all(self) -> None:
+        """Answer every waiter with its job's current state (process stopping)."""
+        self.closed = True
+        ids = list(self._waiters)
+        if not ids:
+            return
+        log.info("stopping: answering %d waiter(s) of %d job(s)", self.waiting, len(ids))
+        for start in range(0, len(ids), self.batch):
+            chunk = ids[start:start + self.batch]
+            try:
+                views = await self._fetch(chunk)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("stopping: reading waited jobs failed (%s)", exc)
+                views = {}
+            for job_id in chunk:
+                self._resolve(job_id, views.get(job_id, WAKE))
+        for job_id in list(self._waiters):   # registered meanwhile
+            self._resolve(job_id, WAKE)
+
+    async def _watch_shutdown(self, shutting_down: asyncio.Event) -> None:
+        await shutting_down.wait()
+        await self.release_all()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, shutting_down: asyncio.Event | None = None) -> None:
+        self._wake = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.closed = False
+        self._tasks = [asyncio.create_task(self._listen(), name="completion-listener"),
+                       asyncio.create_task(self._reader(), name="completion-reader")]
+        if shutting_down is not None:
+            self._tasks.append(asyncio.create_task(self._watch_shutdown(shutting_down),
+                                                   name="completion-shutdown"))
+
+    async def stop(self) -> None:
+        if not self.closed:
+            await self.release_all()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001
+                log.exception("completion task %s failed", task.get_name())

@@ -1,0 +1,248 @@
+"""Report jobs as the v2 API sees them: submit (deduplicated, idempotent), read, cancel.
+
+Everything runs on the API's async pool (api/db.py) with the named SQL of
+sql/queries/reports_v2.sql and the queue's own `enqueue` / `active_by_dedupe_key` /
+`cancel` statements (sql/queries/queue.sql), so a job submitted here is exactly what
+`jobrunner.queue.enqueue` would have made, NOTIFY included.
+
+- Dedupe: every report job carries DEDUPE_KEY; the partial unique index over active
+  jobs (jobs_dedupe_key_idx) lets only one be queued/running/failed at a time. A submit
+  inserts with ON CONFLICT DO NOTHING and, when nothing was inserted, reads the active
+  job (retrying should that job finish in between): concurrent submits wait on the
+  index entry of the first and end up with its job.
+- Idempotency-Key: the key is taken (INSERT ... ON CONFLICT DO NOTHING on its primary
+  key) before the job is enqueued, in one transaction; a concurrent request with the
+  same key waits for that transaction and then reads the key's job. The key keeps
+  pointing at its job after the job finished.
+
+A JobView is one read of a job; its JSON body is built once and shared by every
+response that shows the same read (thousands of long-poll waiters of one job).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from jobrunner import errors, tasks
+from jobrunner.queue import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, FINAL_STATES
+from jobrunner.sqlfile import queries
+
+KIND = "report.payments"
+DEDUPE_KEY = "report.payments"          # identical report jobs: one active at a time
+IDEMPOTENCY_SCOPE = "report.payments"
+STATUS_PATH = "/api/2.0/report/payments/{job_id}"
+
+MAX_WAIT = 60.0
+MAX_JOB_ID = 2**63 - 1
+_JOB_ID = re.compile(r"[0-9]{1,19}")
+# Idempotency keys: 1..255 printable characters of a safe set (UUIDs, ULIDs, base64...).
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:+/=\-]{1,255}")
+
+_SQL = queries("reports_v2")
+_QUEUE_SQL = queries("queue")
+
+
+# --- input -------------------------------------------------------------------------
+
+def parse_job_id(raw: str) -> int:
+    """`"42"` -> 42; anything but 1..19 digits within bigint range -> InvalidJobId."""
+    if not isinstance(raw, str) or not _JOB_ID.fullmatch(raw):
+        raise errors.InvalidJobId(f"job id must be a positive integer, not {raw[:40]!r}")
+    value = int(raw)
+    if value > MAX_JOB_ID:
+        raise errors.InvalidJobId("job id is out of range (at most 2^63-1)")
+    return value
+
+
+def parse_wait(values: list[str] | None) -> float | None:
+    """The `wait` query parameter: None when absent, else seconds with 0 < wait <= 60."""
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise errors.InvalidWait("give wait at most once")
+    raw = values[0].strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.InvalidWait(f"wait must be a number of seconds, not {raw[:40]!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_WAIT:
+        raise errors.InvalidWait(f"wait must be more than 0 and at most {MAX_WAIT:g} seconds")
+    return value
+
+
+def check_idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(raw):
+        raise errors.InvalidIdempotencyKey(
+            "Idempotency-Key must be 1 to 255 characters of letters, digits and ._:+/=-")
+    return raw
+
+
+# --- views -------------------------------------------------------------------------
+
+def status_url(job_id: int) -> str:
+    return STATUS_PATH.format(job_id=job_id)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass
+class JobView:
+    """One read of a report job."""
+
+    id: int
+    state: str
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    last_error: str | None
+    cancel_requested: bool
+    result_json: str | None = None            # JSON text of the result (succeeded only)
+    _body: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def summary(self) -> dict[str, Any]:
+        return {"job_id": self.id, "status": self.state, "status_url": status_url(self.id)}
+
+    def data(self) -> dict[str, Any]:
+        """The `data` object of the status response (the result parsed, if any)."""
+        out = self._fields()
+        if self.state == "succeeded":
+            out["result"] = json.loads(self.result_json) if self.result_json is not None else None
+        return out
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "job_id": self.id,
+            "status": self.state,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "last_error": self.last_error,
+            "cancel_requested": self.cancel_requested,
+            "status_url": status_url(self.id),
+        }
+
+    def body(self) -> bytes:
+        """`{"data": {...}}` as JSON bytes, built once per read. The stored result's JSON
+        text is spliced in as it is: no parse and re-dump of a large report."""
+        if self._body is None:
+            text = json.dumps({"data": self._fields()}, separators=(",", ":"))
+            if self.state == "succeeded":
+                assert text.endswith("}}")
+                result = self.result_json if self.result_json is not None else "null"
+                text = text[:-2] + ',"result":' + result + "}}"
+            self._body = text.encode()
+        return self._body
+
+
+def _view(row: dict[str, Any]) -> JobView:
+    return JobView(**row)
+
+
+# --- reads -------------------------------------------------------------------------
+
+async def read_job(db, job_id: int) -> JobView:
+    """The report job; JobNotFound if there is none with this id."""
+    async with db.connection() as conn:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_SQL["job"], {"id": job_id, "kind": KIND})
+            row = await cur.fetchone()
+    if row is None:
+        raise errors.JobNotFound(job_id)
+    return _view(row)
+
+
+async def read_jobs(db, job_ids) -> dict[int, JobView]:
+    """Many report jobs in one query: {id: view} (missing ids are absent)."""
+    ids = list(job_ids)
+    if not ids:
+        return {}
+    async with db.connection() as conn:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_SQL["jobs"], {"ids": ids, "kind": KIND})
+            rows = await cur.fetchall()
+    return {row["id"]: _view(row) for row in rows}
+
+
+# --- writes ------------------------------------------------------------------------
+
+def _max_attempts() -> int:
+    registered = tasks.registry().get(KIND)
+    value = registered.max_attempts if registered is not None else None
+    return value or DEFAULT_MAX_ATTEMPTS
+
+
+def _enqueue_params() -> dict[str, Any]:
+    return {"queue": DEFAULT_QUEUE, "kind": KIND, "args": Jsonb({}), "priority": 0,
+            "run_at": None, "delay": 0.0, "max_attempts": _max_attempts(),
+            "dedupe_key": DEDUPE_KEY}
+
+
+async def _enqueue_deduplicated(conn) -> int:
+    """The id of the active report job: a new one, or the one already queued/running."""
+    params = _enqueue_params()
+    async with conn.cursor(row_factory=dict_row) as cur:
+        for _ in range(10):
+            await cur.execute(_QUEUE_SQL["enqueue"], params)
+            row = await cur.fetchone()
+            if row is not None:
+                return row["id"]
+            # An active job holds the dedupe key: join it. Should it have finished in
+            # between (the key is free again), insert once more.
+            await cur.execute(_QUEUE_SQL["active_by_dedupe_key"], {"dedupe_key": DEDUPE_KEY})
+            row = await cur.fetchone()
+            if row is not None:
+                return row["id"]
+    raise errors.Conflict("could not submit the report job; try again")
+
+
+async def submit(db, idempotency_key: str | None = None) -> JobView:
+    """Submit a payments report job (or join the active one); see the module docstring."""
+    key = {"scope": IDEMPOTENCY_SCOPE, "key": idempotency_key}
+    async with db.connection() as conn:
+        for _ in range(10):
+            async with conn.transaction():
+                if idempotency_key is not None:
+                    cur = await conn.execute(_SQL["take_idempotency_key"], key)
+                    if await cur.fetchone() is None:
+                        cur = await conn.execute(_SQL["idempotency_key_job"], key)
+                        row = await cur.fetchone()
+                        if row is None or row[0] is None:
+                            continue  # its job was pruned meanwhile: take the key again
+                        job_id = row[0]
+                        break
+                job_id = await _enqueue_deduplicated(conn)
+                if idempotency_key is not None:
+                    await conn.execute(_SQL["set_idempotency_key_job"], {**key, "job_id": job_id})
+                break
+        else:
+            raise errors.Conflict("could not submit the report job; try again")
+    return await read_job(db, job_id)
+
+
+async def cancel(db, job_id: int) -> JobView:
+    """Cancel a report job: queued (or waiting for a retry) -> cancelled at once; running
+    -> cancel requested (the worker stops it cooperatively); finished -> unchanged."""
+    await read_job(db, job_id)  # 404 for unknown ids and for jobs that are not reports
+    async with db.connection() as conn:
+        async with conn.transaction():
+            await conn.execute(_QUEUE_SQL["cancel"], {"id": job_id})
+    return await read_job(db, job_id)
