@@ -4,11 +4,40 @@ Every value can be overridden on the command line; the environment variables are
 documented in README.md (Configuration).
 """
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+# Prometheus multiprocess mode (GET /metrics adds up the figures of every worker): each
+# worker writes its figures to files in PROMETHEUS_MULTIPROC_DIR, which must be set before
+# any process imports prometheus_client, i.e. here, in the master, before the fork. The
+# directory is emptied at start (stale files would be added to the new figures); without
+# PROMETHEUS_MULTIPROC_DIR a temporary one is made and removed when gunicorn exits.
+_metrics_dir_owned = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir_owned:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jobrunner-api-metrics-")
+else:
+    Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+    for _stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        _stale.unlink(missing_ok=True)
+
+
+def child_exit(server, worker):
+    """A worker exited: its live gauges (long-poll waiters) stop counting."""
+    from jobrunner import metrics
+
+    metrics.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir_owned:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 bind = f"{_env('HOST', '127.0.0.1')}:{_env('PORT', '8000')}"

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 import psycopg
 from psycopg import sql
 
+from . import metrics
+
 log = logging.getLogger("jobrunner.listener")
 
 
@@ -31,7 +33,7 @@ class Listener:
                  callback: Callable[[psycopg.Notify], None], *,
                  on_reconnect: Callable[[], None] | None = None,
                  backoff: tuple[float, float] = (0.1, 5.0), check_every: float = 0.25,
-                 name: str = "jobrunner-listener") -> None:
+                 name: str = "jobrunner-listener", role: str = "worker") -> None:
         self.url = url
         self.channels = list(channels)
         if not self.channels:
@@ -41,6 +43,7 @@ class Listener:
         self.backoff = backoff
         self.check_every = check_every
         self.name = name
+        self.role = role                # label of jobrunner_listener_reconnects_total
         self.connected = threading.Event()
         self.reconnects = 0
         self._stop = threading.Event()
@@ -72,7 +75,8 @@ class Listener:
     # --- the loop ---------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                               application_name=f"jobrunner-{self.role}-listener")
         for channel in self.channels:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         return conn
@@ -95,6 +99,7 @@ class Listener:
                 log.info("listener: listening on %s", ", ".join(self.channels))
             else:
                 self.reconnects += 1
+                metrics.LISTENER_RECONNECTS.labels(self.role).inc()
                 log.info("listener: reconnected")
                 self._call(self.on_reconnect)
             first = False

@@ -86,6 +86,7 @@ class Claimed:
     attempts: int           # with `worker_id`, the lease token of this attempt
     max_attempts: int
     cancel_requested: bool
+    waited: float | None = None   # seconds from run_at to this claim (metrics)
 
 
 # --- connections -----------------------------------------------------------------------

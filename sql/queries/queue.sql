@@ -90,7 +90,8 @@ SET state = 'running',
                   ELSE j.errors END
 FROM picked
 WHERE j.id = picked.id
-RETURNING j.id, j.queue, j.kind, j.args, j.attempts, j.max_attempts, j.cancel_requested
+RETURNING j.id, j.queue, j.kind, j.args, j.attempts, j.max_attempts, j.cancel_requested,
+          GREATEST(0, extract(epoch FROM now() - j.run_at))::float8 AS waited  -- pickup latency
 
 -- name: reap_expired
 -- Jobs whose worker died during their last allowed attempt (or after a cancel request)
