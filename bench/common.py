@@ -1,0 +1,335 @@
+"""Shared pieces of the benchmark scenarios: the scratch database, the machine's
+description, figures with targets, and the real processes a scenario starts
+(`jobrunner worker`, gunicorn) with their teardown.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from jobrunner import config
+from jobrunner.migrate import migrate
+from jobrunner.sqlfile import queries
+
+Q = queries("bench")
+ROOT = config.ROOT
+
+
+# --- figures ------------------------------------------------------------------------------
+
+def metric(name: str, value: float | int | None, unit: str, *, target: float | None = None,
+           op: str | None = None, note: str | None = None) -> dict[str, Any]:
+    """One reported figure; with a target, whether it met it (op: '>=', '<=' or '==')."""
+    out: dict[str, Any] = {"metric": name, "value": value, "unit": unit}
+    if target is not None:
+        out["target"] = target
+        out["op"] = op
+        if value is None:
+            out["met"] = False
+        elif op == "==":
+            out["met"] = value == target
+        else:
+            out["met"] = value >= target if op == ">=" else value <= target
+    if note:
+        out["note"] = note
+    return out
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """The p-th percentile (0..100) with linear interpolation; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def distribution_ms(values_s: list[float]) -> dict[str, float | int | None]:
+    ms = [v * 1000.0 for v in values_s]
+    return {"count": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+            "p99_ms": percentile(ms, 99), "max_ms": max(ms) if ms else None,
+            "min_ms": min(ms) if ms else None}
+
+
+@dataclass
+class Settings:
+    """What one run measures: full sizes or the quick smoke sizes."""
+
+    quick: bool = False
+    workers: int = 2                 # worker processes of the queue scenarios
+    concurrency: int = 16            # execution slots per worker process
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def size(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine(url: str, where: str) -> dict[str, Any]:
+    with psycopg.connect(url) as conn:
+        settings = {name: (f"{setting}{unit}" if unit and unit not in ("8kB",) else setting)
+                    for name, setting, unit in conn.execute(Q["server_settings"])}
+        shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
+        max_wal = conn.execute("SHOW max_wal_size").fetchone()[0]
+    settings["shared_buffers"] = shared_buffers
+    settings["max_wal_size"] = max_wal
+    return {
+        "cores": os.cpu_count(),
+        "memory_mb": _memory_mb(),
+        "cpu_model": _cpu_model(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "hostname_hash": uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname()).hex[:8],
+        "postgres": {
+            "version": settings.pop("server_version", None),
+            "where": where,
+            "settings": settings,
+        },
+    }
+
+
+# --- the scratch database -----------------------------------------------------------------
+
+@contextmanager
+def scratch_database(base_url: str) -> Iterator[str]:
+    """A fresh, migrated database on the server of `base_url`, dropped afterwards: the
+    benchmarks never touch the data of the database in use."""
+    name = f"bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_conninfo(base_url, dbname=name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def dbname(url: str) -> str:
+    return conninfo_to_dict(url).get("dbname") or ""
+
+
+def reset_jobs(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(Q["reset_jobs"])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def unfinished(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(Q["unfinished_count"]).fetchone()[0]
+
+
+def raise_fd_limit() -> None:
+    """Thousands of sockets in one process need a higher open-files limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def proc_status_kb(pid: int, field_name: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+# --- processes ----------------------------------------------------------------------------
+
+class Process:
+    """A child process in its own process group, its output in a temp file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
+        self.name = name
+        self.log_file = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log",
+                                                    delete=False)
+        self.log_path = Path(self.log_file.name)
+        self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self.log_file,
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=raise_fd_limit)
+        self.pid = self.popen.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL to the process group after `timeout`."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            code = self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.log_file.close()
+        return code
+
+    def cleanup(self) -> None:
+        self.stop()
+        try:
+            self.log_path.unlink()
+        except OSError:
+            pass
+
+
+def child_env(url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, DATABASE_URL=url, PYTHONUNBUFFERED="1", LOG_LEVEL="info")
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def workers(url: str, count: int, concurrency: int, *extra_args: str,
+            wait_listening: bool = True) -> Iterator[list[Process]]:
+    """`count` real `python -m jobrunner worker` processes; SIGTERM (drain) at exit."""
+    started: list[Process] = []
+    try:
+        for i in range(count):
+            started.append(Process(
+                [sys.executable, "-m", "jobrunner", "worker", "--concurrency", str(concurrency),
+                 *extra_args], child_env(url), f"worker{i}"))
+        if wait_listening:
+            for proc in started:
+                wait_for(lambda: "listener: listening" in proc.log() or not proc.alive(),
+                         60, what="a worker to listen")
+                if not proc.alive():
+                    raise RuntimeError(f"worker exited at start:\n{proc.log()[-3000:]}")
+        yield started
+    finally:
+        for proc in started:
+            proc.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Api:
+    process: Process
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_pid(self) -> int | None:
+        """The (single) gunicorn worker process serving requests."""
+        kids = children(self.process.pid)
+        return kids[0] if kids else None
+
+
+@contextmanager
+def api_server(url: str, **env: str) -> Iterator[Api]:
+    """The real API under gunicorn (one worker process), on a free port."""
+    import httpx
+
+    port = free_port()
+    environment = child_env(url, HOST="127.0.0.1", PORT=str(port), WEB_CONCURRENCY="1",
+                            GUNICORN_ACCESSLOG="/dev/null", LOG_LEVEL="warning")
+    environment.update(env)
+    proc = Process([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "api.app:app"],
+                   environment, "api")
+    try:
+        def healthy() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"gunicorn exited:\n{proc.log()[-3000:]}")
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, what="gunicorn to answer /healthz")
+        yield Api(proc, port)
+    finally:
+        proc.cleanup()

@@ -1,0 +1,198 @@
+"""Scenario 4: long-poll.
+
+N `report.payments` jobs are enqueued (enqueue_many; no worker runs yet; the orders
+table is empty, so each job is a real but short aggregation). One API process (gunicorn,
+WEB_CONCURRENCY=1) is started; a client process (plain asyncio sockets, one connection
+per client, `Connection: close`) opens N connections and sends
+`GET /api/2.0/report/payments/<id>?wait=60`, one per job. Once all are sent and have
+settled, the backends of the scratch database whose last statement was a LISTEN are
+counted (only the API runs at that point), then W workers start and work the jobs.
+For each job: the client's clock when its answer was fully read, minus the job's
+finished_at (the commit that made it final) from the database: p50, p99, max. The API
+process's peak memory is its VmHWM (from /proc), beside its VmRSS when idle.
+
+If the API has no v2 endpoints, the scenario is reported as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from jobrunner import queue
+
+from .common import (Q, Settings, api_server, distribution_ms, metric, proc_status_kb,
+                     raise_fd_limit, reset_jobs, wait_for, workers)
+
+TARGET_P99_MS = 50.0
+TARGET_LISTENERS = 1
+WAIT = 60
+KIND = "report.payments"
+
+
+# --- the client (a process of its own) ------------------------------------------------------
+
+async def _one(port: int, job_id: int, wait: int, sent: asyncio.Event | None,
+               results: dict[int, tuple]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /api/2.0/report/payments/{job_id}?wait={wait} HTTP/1.1\r\n"
+                 f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def _answer(job_id: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  results: dict[int, tuple]) -> None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        body = await (reader.readexactly(length) if length is not None else reader.read())
+        answered = time.time()
+        try:
+            job_status = json.loads(body)["data"]["status"]
+        except (ValueError, KeyError, TypeError):
+            job_status = None
+        results[job_id] = (answered, status, job_status)
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        results[job_id] = (time.time(), 0, f"error: {type(exc).__name__}")
+    finally:
+        writer.close()
+
+
+async def client(port: int, ids: list[int], wait: int, out: Path, connect_batch: int = 250) -> None:
+    results: dict[int, tuple] = {}
+    pending = []
+    for i in range(0, len(ids), connect_batch):
+        chunk = ids[i:i + connect_batch]
+        pairs = await asyncio.gather(*(_one(port, j, wait, None, results) for j in chunk))
+        pending.extend(asyncio.create_task(_answer(j, r, w, results))
+                       for j, (r, w) in zip(chunk, pairs))
+    print(f"ready {len(pending)}", flush=True)
+    await asyncio.gather(*pending)
+    out.write_text(json.dumps({str(k): v for k, v in results.items()}))
+
+
+def client_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bench.longpoll client")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ids", type=Path, required=True, help="JSON list of job ids")
+    p.add_argument("--wait", type=int, default=WAIT)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    raise_fd_limit()
+    asyncio.run(client(args.port, json.loads(args.ids.read_text()), args.wait, args.out))
+    return 0
+
+
+# --- the scenario -----------------------------------------------------------------------------
+
+def v2_available(base_url: str) -> bool:
+    """The v2 status route exists (an unknown job gives a 404 that names the job, not the
+    route: probe with the OpenAPI document instead, which lists every route)."""
+    try:
+        doc = httpx.get(base_url + "/openapi.json", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return "/api/2.0/report/payments/{job_id}" in doc.get("paths", {})
+
+
+def run(url: str, s: Settings) -> dict:
+    n = s.size(5_000, 300)
+    reset_jobs(url)
+    with api_server(url) as api:
+        if not v2_available(api.base_url):
+            return {"scenario": "long-poll", "status": "skipped", "reason": "v2 not available",
+                    "metrics": []}
+        pid = api.worker_pid()
+        idle_rss_kb = proc_status_kb(pid, "VmRSS") if pid else None
+        with psycopg.connect(url) as conn:
+            ids = queue.enqueue_many(KIND, [{}] * n, conn=conn)
+            conn.commit()
+        with tempfile.TemporaryDirectory(prefix="bench-longpoll-") as tmp:
+            ids_file, out_file = Path(tmp) / "ids.json", Path(tmp) / "out.json"
+            ids_file.write_text(json.dumps(ids))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.longpoll", "client", "--port", str(api.port),
+                 "--ids", str(ids_file), "--out", str(out_file), "--wait", str(WAIT)],
+                stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
+            try:
+                line = proc.stdout.readline()
+                if not line.startswith("ready"):
+                    raise RuntimeError(f"long-poll client failed to start: {line!r}")
+                time.sleep(s.size(3.0, 1.0))  # let the API read each job and park its waiter
+                with psycopg.connect(url) as conn:
+                    listening, backends = conn.execute(Q["listening_backends"]).fetchone()
+                    queued = conn.execute(Q["unfinished_count"]).fetchone()[0]
+                waiting_rss_kb = proc_status_kb(pid, "VmRSS") if pid else None
+                s.log(f"  {n:,} waiters parked; {listening} listening backend(s) of {backends}; "
+                      f"{queued:,} jobs not finished")
+                with workers(url, s.workers, s.concurrency, "--poll-interval", "1",
+                             wait_listening=False):
+                    proc.wait(timeout=WAIT + 60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            answers = json.loads(out_file.read_text()) if out_file.exists() else {}
+        peak_kb = proc_status_kb(pid, "VmHWM") if pid else None
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(Q["finished_at_epochs"], {"ids": ids}).fetchall()
+    finished = {job_id: (at, state) for job_id, at, state in rows}
+    latencies, not_final, errors = [], 0, 0
+    for key, (answered, status, job_status) in answers.items():
+        at, state = finished.get(int(key), (None, None))
+        if status != 200 or job_status not in queue.FINAL_STATES:
+            not_final += 1
+            if status == 0 or status >= 500:
+                errors += 1
+            continue
+        if at is not None:
+            latencies.append(answered - at)
+    dist = distribution_ms(latencies)
+    s.log(f"  answered after completion: p50 {dist['p50_ms'] or 0:.1f} ms  p99 {dist['p99_ms'] or 0:.1f} ms"
+          f"  max {dist['max_ms'] or 0:.1f} ms; not final {not_final}; peak {(peak_kb or 0) / 1024:.0f} MB")
+    return {
+        "scenario": "long-poll",
+        "method": (f"{n:,} report.payments jobs (empty orders), {n:,} clients (one connection "
+                   f"each, asyncio sockets in another process) GET ...?wait={WAIT} on one API "
+                   f"process; then {s.workers} workers; answer time (client clock) - finished_at"),
+        "clients": n,
+        "answers": len(answers),
+        "answered_final": len(latencies),
+        "not_final_or_failed": not_final,
+        "errors": errors,
+        "latency_after_finish": dist,
+        "listening_backends": listening,
+        "api_backends": backends,
+        "api_rss_idle_mb": (idle_rss_kb or 0) / 1024,
+        "api_rss_waiting_mb": (waiting_rss_kb or 0) / 1024,
+        "api_peak_mb": (peak_kb or 0) / 1024,
+        "metrics": [
+            metric("clients answered with the final state", len(latencies), "clients",
+                   target=n, op=">="),
+            metric("p50 after finish", dist["p50_ms"], "ms"),
+            metric("p99 after finish", dist["p99_ms"], "ms", target=TARGET_P99_MS, op="<="),
+            metric("listening connections", listening, "conn", target=TARGET_LISTENERS, op="=="),
+            metric("API process peak memory (VmHWM)", (peak_kb or 0) / 1024, "MB"),
+        ],
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "client":
+        sys.exit(client_main(sys.argv[2:]))
+    print("usage: python -m bench.longpoll client --port P --ids FILE --out FILE", file=sys.stderr)
+    sys.exit(2)
