@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from . import config, errors
@@ -135,8 +136,22 @@ def cmd_worker(args) -> int:
             raise errors.InvalidInput(f"cannot serve metrics on {addr}:{metrics_port}: {exc}") from None
         logging.getLogger("jobrunner.worker").info(
             "metrics at http://%s:%d/metrics", addr, metrics_port)
-    worker.run()
-    return 0
+    # The worker runs on its own thread and the main thread only waits: signal handlers
+    # run on the main thread, which then never holds a lock a handler needs (Event.set).
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+            logging.getLogger("jobrunner.worker").exception("worker crashed")
+
+    thread = threading.Thread(target=run, name="jobrunner-dispatcher")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    return 1 if failure else 0
 
 
 # --- prune -------------------------------------------------------------------------------
