@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from jobrunner import config
+from jobrunner import config, metrics
 from jobrunner.queue import DONE_CHANNEL
 
 log = logging.getLogger("api.completion")
@@ -172,6 +172,8 @@ class CompletionHub:
                 continue
             delay = self.backoff[0]
             self.connects += 1
+            if self.connects > 1:
+                metrics.LISTENER_RECONNECTS.labels("api").inc()
             self.connected.set()
             log.info("listener: listening on %s%s", self.channel,
                      " (reconnected: re-reading waited jobs)" if self.connects > 1 else "")

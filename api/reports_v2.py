@@ -21,7 +21,7 @@ import logging
 
 import falcon
 
-from jobrunner import errors
+from jobrunner import errors, metrics
 
 from . import report_jobs
 from .completion import WAKE, CompletionHub
@@ -88,6 +88,7 @@ class PaymentsReportJob:
         deadline = loop.time() + wait
         future = self.hub.register(job_id)   # first: a completion from now on is seen
         disconnect = None
+        metrics.LONGPOLL_WAITERS.inc()
         try:
             view = await report_jobs.read_job(self.db, job_id)
             if view.final:
@@ -111,6 +112,7 @@ class PaymentsReportJob:
             # The deadline (or a wake-up): the job as it is now.
             return await report_jobs.read_job(self.db, job_id)
         finally:
+            metrics.LONGPOLL_WAITERS.dec()
             self.hub.discard(job_id, future)
             if disconnect is not None and not disconnect.done():
                 disconnect.cancel()

@@ -4,6 +4,8 @@ and the scraped metric names are exactly the ones docs/operations.md documents."
 from __future__ import annotations
 
 import re
+import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
@@ -110,6 +112,7 @@ def test_metrics_match_the_database(new_database, gunicorn, start_worker):
         wait_until(lambda: value(scrape(worker_metrics), "jobrunner_listener_reconnects",
                                  "jobrunner_listener_reconnects_total", role="worker") == 1,
                    30, interval=0.2, what="the listener to reconnect")
+        worker_figures = scrape(worker_metrics)
 
         # The API's queue-level figures equal the database's at the time of the scrape.
         with httpx.Client(base_url=server.base_url, timeout=30.0) as http:
@@ -145,8 +148,36 @@ def test_metrics_match_the_database(new_database, gunicorn, start_worker):
                          "api_request_duration_seconds_count", method="GET",
                          route="unmatched") == 1
 
+        # A long-poll waiting on a job nobody runs is counted while it waits.
+        assert worker.alive()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        with httpx.Client(base_url=server.base_url, timeout=60.0) as http:
+            job_id = http.post("/api/2.0/report/payments").json()["data"]["job_id"]
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(http.get, f"/api/2.0/report/payments/{job_id}",
+                                      params={"wait": "50"})
+                wait_until(lambda: value(scrape(server.url("/metrics")),
+                                         "jobrunner_longpoll_waiters") == 1,
+                           30, interval=0.2, what="the waiter to be counted")
+                assert not waiting.done()
+                assert http.delete(f"/api/2.0/report/payments/{job_id}").status_code == 200
+                assert waiting.result(30).json()["data"]["status"] == "cancelled"
+        figures = scrape(server.url("/metrics"))
+        assert value(figures, "jobrunner_longpoll_waiters") == 0
+
+        # Both API processes' listeners lose their connection: two reconnects, added up.
+        listeners = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() "
+            "AND application_name LIKE 'jobrunner-api-listener:%%'").fetchone()[0]
+        assert listeners == 2
+        wait_until(lambda: value(scrape(server.url("/metrics")), "jobrunner_listener_reconnects",
+                                 "jobrunner_listener_reconnects_total", role="api") == 2,
+                   30, interval=0.2, what="the API listeners to reconnect")
+
     # What the processes expose is what the document lists, and the reverse.
-    exposed = ours(figures) | ours(scrape(worker_metrics))
+    exposed = ours(figures) | ours(worker_figures)
     documented = documented_metrics()
     missing_in_docs = exposed - documented
     assert not missing_in_docs, f"exposed but not documented: {missing_in_docs}"
