@@ -21,12 +21,12 @@ response that shows the same read (thousands of long-poll waiters of one job).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -42,6 +42,7 @@ STATUS_PATH = "/api/2.0/report/payments/{job_id}"
 MAX_WAIT = 60.0
 MAX_JOB_ID = 2**63 - 1
 _JOB_ID = re.compile(r"[0-9]{1,19}")
+_WAIT = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")       # plain decimal seconds
 # Idempotency keys: 1..255 printable characters of a safe set (UUIDs, ULIDs, base64...).
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:+/=\-]{1,255}")
 
@@ -68,11 +69,10 @@ def parse_wait(values: list[str] | None) -> float | None:
     if len(values) != 1:
         raise errors.InvalidWait("give wait at most once")
     raw = values[0].strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise errors.InvalidWait(f"wait must be a number of seconds, not {raw[:40]!r}") from None
-    if not math.isfinite(value) or not 0 < value <= MAX_WAIT:
+    if not _WAIT.fullmatch(raw):
+        raise errors.InvalidWait(f"wait must be a number of seconds, not {raw[:40]!r}")
+    value = float(raw)
+    if not 0 < value <= MAX_WAIT:
         raise errors.InvalidWait(f"wait must be more than 0 and at most {MAX_WAIT:g} seconds")
     return value
 
@@ -243,6 +243,9 @@ async def cancel(db, job_id: int) -> JobView:
     -> cancel requested (the worker stops it cooperatively); finished -> unchanged."""
     await read_job(db, job_id)  # 404 for unknown ids and for jobs that are not reports
     async with db.connection() as conn:
-        async with conn.transaction():
-            await conn.execute(_QUEUE_SQL["cancel"], {"id": job_id})
+        try:
+            async with conn.transaction():
+                await conn.execute(_QUEUE_SQL["cancel"], {"id": job_id})
+        except psycopg.errors.NoDataFound:       # deleted (pruned) meanwhile
+            raise errors.JobNotFound(job_id) from None
     return await read_job(db, job_id)

@@ -1,0 +1,134 @@
+"""The API's completion hub (api/completion.py) against a real database: one LISTEN
+connection, one read per completed job for all its waiters, recovery of notifications
+lost while the listener was disconnected, and answering waiters at shutdown."""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from api import report_jobs
+from api.completion import CompletionHub
+from api.db import Database
+from jobrunner import queue
+
+WORKER = "test-worker"
+
+
+def _finish(conn: psycopg.Connection, job_id: int, result=None) -> None:
+    """Claim and complete the (only) queued job as a worker would."""
+    claimed = queue.claim(conn, queue="default", limit=10, worker_id=WORKER, lease=30)
+    assert [c.id for c in claimed] == [job_id]
+    assert queue.complete(conn, WORKER, [(job_id, claimed[0].attempts, result)]) == {job_id}
+
+
+class Hub:
+    """A started hub on its own pool, whose reads are counted per job id."""
+
+    def __init__(self, url: str, **kwargs) -> None:
+        self.db = Database(url)
+        self.reads: Counter[int] = Counter()
+
+        async def fetch(ids):
+            ids = list(ids)
+            self.reads.update(ids)
+            return await report_jobs.read_jobs(self.db, ids)
+
+        self.hub = CompletionHub(lambda: url, fetch, **kwargs)
+
+    async def __aenter__(self) -> CompletionHub:
+        await self.db.open()
+        await self.hub.start()
+        await asyncio.wait_for(self.hub.connected.wait(), 30)
+        return self.hub
+
+    async def __aexit__(self, *exc) -> None:
+        await self.hub.stop()
+        await self.db.close()
+
+
+def _listeners(conn: psycopg.Connection, name: str) -> list[tuple]:
+    return conn.execute("SELECT pid, query FROM pg_stat_activity WHERE application_name = %s",
+                        [name]).fetchall()
+
+
+def test_one_read_answers_every_waiter_of_a_job(db_url):
+    async def main():
+        holder = Hub(db_url)
+        async with holder as hub:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                assert len(_listeners(conn, hub.application_name)) == 1
+                job = queue.enqueue("report.payments", conn=conn)
+                other = queue.enqueue("report.payments", {"other": 1}, conn=conn)
+                waiters = [hub.register(job.id) for _ in range(500)]
+                bystander = hub.register(other.id)
+                claimed = queue.claim(conn, queue="default", limit=1, worker_id=WORKER, lease=30)
+                assert [c.id for c in claimed] == [job.id]
+                queue.complete(conn, WORKER, [(job.id, 1, {"data": [{"user_id": 1, "total_payment": 3}]})])
+            views = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+            assert {id(v) for v in views} == {id(views[0])}          # one read, shared
+            assert views[0].state == "succeeded"
+            assert views[0].data()["result"] == {"data": [{"user_id": 1, "total_payment": 3}]}
+            assert holder.reads[job.id] == 1
+            assert not bystander.done() and hub.waiting == 1
+            hub.discard(other.id, bystander)
+            assert hub.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_a_notification_lost_while_reconnecting_is_recovered(db_url, pg_server):
+    dbname = conninfo_to_dict(db_url)["dbname"]
+
+    def allow_connections(allow: bool) -> None:
+        with pg_server.admin() as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(dbname), sql.Literal(allow)))
+
+    async def main():
+        holder = Hub(db_url, backoff=(0.05, 0.2))
+        async with holder as hub:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                job = queue.enqueue("report.payments", conn=conn)
+                waiter = hub.register(job.id)
+                allow_connections(False)
+                try:
+                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE application_name = %s", [hub.application_name])
+                    for _ in range(300):
+                        if not hub.connected.is_set():
+                            break
+                        await asyncio.sleep(0.05)
+                    assert not hub.connected.is_set(), "the listener did not notice"
+                    # Finished while nobody listens: this notification is lost.
+                    _finish(conn, job.id, {"data": []})
+                    await asyncio.sleep(0.5)
+                    assert not waiter.done() and hub.connects == 1
+                finally:
+                    allow_connections(True)
+                view = await asyncio.wait_for(waiter, 30)
+                assert view.state == "succeeded" and hub.connects == 2
+                assert len(_listeners(conn, hub.application_name)) == 1
+
+    asyncio.run(main())
+
+
+def test_stopping_answers_waiters_with_the_current_state(db_url):
+    async def main():
+        holder = Hub(db_url)
+        async with holder as hub:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                job = queue.enqueue("report.payments", conn=conn)
+            waiters = [hub.register(job.id) for _ in range(3)]
+            shutting_down = asyncio.Event()
+            watcher = asyncio.create_task(hub._watch_shutdown(shutting_down))
+            shutting_down.set()
+            views = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+            await watcher
+            assert {v.state for v in views} == {"queued"}
+            assert hub.closed and hub.register(job.id).done()      # no new waits
+
+    asyncio.run(main())
