@@ -328,6 +328,10 @@ class Worker:
 
     def _execute(self, entry: _Entry) -> None:
         job, task, ctx = entry.claimed, entry.task, entry.ctx
+        if ctx.cancel_requested():
+            # Cancelled while it waited for a slot: do not start it.
+            self._settle(entry, ("cancelled", job, None))
+            return
         if task.timeout is not None:
             entry.deadline = time.monotonic() + task.timeout
             self._wake.set()  # let the dispatcher account for the deadline
