@@ -229,12 +229,15 @@ class Worker:
                     try:
                         claimed = self._claim(conn.get(), limit)
                         backoff = 0.0
-                    except DB_ERRORS as exc:
+                    except (*DB_ERRORS, psycopg.errors.UndefinedTable) as exc:
                         conn.discard()
                         backoff = min(5.0, max(0.1, backoff * 2))
                         self.stats["db_errors"] += 1
-                        log.warning("worker: claim failed (%s); retrying in %.1fs",
-                                    str(exc).strip() or type(exc).__name__, backoff)
+                        hint = (" (the database is not migrated: run `make migrate` or "
+                                "`python -m jobrunner.migrate`)"
+                                if isinstance(exc, psycopg.errors.UndefinedTable) else "")
+                        log.warning("worker: claim failed (%s)%s; retrying in %.1fs",
+                                    str(exc).strip() or type(exc).__name__, hint, backoff)
                         self._stop.wait(backoff * self._rng.uniform(0.8, 1.2))
                         continue
                     inline_streak = bool(claimed)
@@ -488,7 +491,7 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         conn = _RoleConnection(self._pool)
         interval = max(0.2, min(self.cfg.lease / 3.0, 10.0))
-        next_prune = time.monotonic() + 5.0
+        next_prune = time.monotonic()
         try:
             while not self._completer_stop.wait(interval):
                 try:
@@ -503,8 +506,10 @@ class Worker:
                         pruned = queue.prune(self.cfg.prune_older_than, conn=c)
                         if pruned:
                             log.info("worker: pruned %d finished jobs", pruned)
-                except DB_ERRORS as exc:
+                except psycopg.Error as exc:
                     conn.discard()
+                    log.warning("worker: heartbeat failed (%s)", str(exc).strip() or type(exc).__name__)
+                except PoolTimeout as exc:
                     log.warning("worker: heartbeat failed (%s)", str(exc).strip() or type(exc).__name__)
         finally:
             conn.release()

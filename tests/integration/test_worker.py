@@ -245,3 +245,33 @@ def test_parse_duration():
     for bad in ("", "x", "-1s", "7y"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_worker_prunes_old_finished_jobs_when_configured(conn, run_worker):
+    ids = queue.enqueue_many("jobrunner.noop", [{}] * 5, conn=conn)
+    conn.execute("UPDATE jobs SET state = 'succeeded', finished_at = now() - interval '3 days' "
+                 "WHERE id = ANY(%s)", (ids[:3],))
+    run_worker(prune_older_than=86400.0, lease=0.9)  # heartbeat (and first prune) at 0.3 s
+    wait_until(lambda: conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2,
+               timeout=20, what="the old jobs to be pruned")
+    assert {r[0] for r in conn.execute("SELECT id FROM jobs")} == set(ids[3:])
+
+
+def test_worker_waits_for_migrations_and_then_works(new_database, caplog):
+    from jobrunner.migrate import migrate
+
+    url = new_database(migrated=False)
+    worker = Worker(url, WorkerConfig(poll_interval=0.2, concurrency=2, grace=1.0))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    with caplog.at_level("WARNING", logger="jobrunner.worker"):
+        thread.start()
+        try:
+            wait_until(lambda: "not migrated" in caplog.text, timeout=20, what="the hint")
+            migrate(url)
+            with psycopg.connect(url, autocommit=True) as c:
+                job = queue.enqueue("jobrunner.noop", conn=c)
+                assert final(c, job.id).state == "succeeded"
+        finally:
+            worker.stop()
+            thread.join(30)
+    assert not thread.is_alive()
