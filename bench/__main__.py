@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="slots (connections) per naive baseline process (default 4)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="HTTP load generator (auto: wrk if installed or installable, else python)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record py-spy profiles (speedscope JSON) of the API and worker "
+                        "processes into DIR while they are measured")
     p.add_argument("--out", help="JSON file to write (default bench/results/latest.json, "
                    "latest-quick.json with --quick)")
     args = p.parse_args(argv)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     base_url = db.database_url()
     settings = Settings(quick=args.quick, workers=args.workers, concurrency=args.concurrency,
                         log=lambda line: print(line, flush=True),
-                        extra={"naive_slots": args.naive_slots, "loadgen": args.loadgen})
+                        extra={"naive_slots": args.naive_slots, "loadgen": args.loadgen,
+                               "profile": args.profile})
     started = time.time()
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -333,3 +333,83 @@ def api_server(url: str, **env: str) -> Iterator[Api]:
         yield Api(proc, port)
     finally:
         proc.cleanup()
+
+
+# --- CPU accounting and profiling -----------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (from /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine so far (from /proc/stat)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+class CpuWindow:
+    """CPU used by some processes and by the whole machine between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.figures: dict[str, Any] = {}
+
+    def start(self) -> "CpuWindow":
+        self._t = time.perf_counter()
+        self._proc = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self._machine = machine_cpu()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._t
+        out: dict[str, Any] = {"wall_s": wall}
+        for k, p in self.pids.items():
+            now, before = cpu_seconds(p), self._proc.get(k)
+            if now is not None and before is not None:
+                out[f"{k}_cpu_s"] = now - before
+        machine_now = machine_cpu()
+        if machine_now and self._machine:
+            busy = machine_now[0] - self._machine[0]
+            total = machine_now[1] - self._machine[1]
+            out["machine_busy_fraction"] = busy / total if total else None
+        self.figures = out
+        return out
+
+
+@contextmanager
+def profiled(s: "Settings", pid: int | None, name: str) -> Iterator[None]:
+    """py-spy record of `pid` while the block runs, when --profile DIR was given and
+    py-spy is installed (a speedscope JSON file DIR/<name>.json)."""
+    import shutil
+
+    directory = s.extra.get("profile")
+    spy = shutil.which("py-spy") or (str(Path(sys.executable).with_name("py-spy"))
+                                     if Path(sys.executable).with_name("py-spy").exists() else None)
+    if not directory or not pid or not spy:
+        yield
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    out = Path(directory) / f"{name}.json"
+    proc = subprocess.Popen([spy, "record", "-p", str(pid), "-r", "200", "-f", "speedscope",
+                             "-o", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        s.log(f"  profile: {out}")
