@@ -227,7 +227,7 @@ class Worker:
                 limit = min(free, self.cfg.max_batch)
                 if limit > 0:
                     try:
-                        claimed = self._claim(conn.get(), limit)
+                        claimed, inline_streak = self._claim_and_dispatch(conn.get(), limit)
                         backoff = 0.0
                     except (*DB_ERRORS, psycopg.errors.UndefinedTable) as exc:
                         conn.discard()
@@ -240,30 +240,32 @@ class Worker:
                                     str(exc).strip() or type(exc).__name__, hint, backoff)
                         self._stop.wait(backoff * self._rng.uniform(0.8, 1.2))
                         continue
-                    inline_streak = bool(claimed)
-                    for job in claimed:
-                        inline_streak = self._dispatch(job) and inline_streak
-                    if len(claimed) == limit:
+                    if claimed == limit:
                         continue  # there may be more waiting
                 self._wake.wait(self._wait_time())
         finally:
             conn.release()
 
-    def _claim(self, conn: psycopg.Connection, limit: int) -> list[queue.Claimed]:
-        out: list[queue.Claimed] = []
+    def _claim_and_dispatch(self, conn: psycopg.Connection, limit: int) -> tuple[int, bool]:
+        """Claim up to `limit` jobs over the queues in order and start them. Each queue's
+        batch is dispatched before the next claim, so an error never strands claimed jobs.
+        Returns (how many, whether all ran inline)."""
+        count, all_inline = 0, True
         for name in self.cfg.queues:
-            got = queue.claim(conn, queue=name, limit=limit - len(out),
+            got = queue.claim(conn, queue=name, limit=limit - count,
                               worker_id=self.worker_id, lease=self.cfg.lease)
             metrics.observe_claim(name, got)
             if got:
                 with self._lock:
                     for job in got:
                         self._held[job.id] = job.attempts
-                out.extend(got)
-            if len(out) >= limit:
+                self.stats["claimed"] += len(got)
+                count += len(got)
+                for job in got:
+                    all_inline = self._dispatch(job) and all_inline
+            if count >= limit:
                 break
-        self.stats["claimed"] += len(out)
-        return out
+        return count, all_inline and count > 0
 
     def _wait_time(self) -> float:
         timeout = self.cfg.poll_interval
