@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
@@ -420,9 +420,12 @@ def finish(conn: psycopg.Connection, worker_id: str, *,
            succeeded: Sequence[tuple[int, int, Any]] = (), failed: Sequence[Failure] = (),
            cancelled: Sequence[tuple[int, int]] = (),
            released: Sequence[tuple[int, int]] = ()) -> Finished:
-    """Write a batch of outcomes in one transaction (one statement per outcome kind)."""
+    """Write a batch of outcomes in one transaction (one statement per outcome kind; a
+    batch of one kind, the common case, is a single statement and round trip)."""
     out = Finished()
-    with conn.transaction():
+    kinds = sum(1 for group in (succeeded, failed, cancelled, released) if group)
+    atomic = conn.transaction() if kinds > 1 else nullcontext()
+    with atomic:
         out.succeeded = complete(conn, worker_id, succeeded)
         out.failed = fail(conn, worker_id, failed)
         out.cancelled = mark_cancelled(conn, worker_id, cancelled)
