@@ -24,7 +24,9 @@ import sys
 import threading
 from collections.abc import Callable
 
-from . import config, errors
+import psycopg
+
+from . import config, db, errors
 
 
 def _duration(text: str) -> float:
@@ -166,7 +168,8 @@ def register_prune(sub) -> None:
 def cmd_prune(args) -> int:
     from . import queue
 
-    deleted = queue.prune(args.older_than, batch_size=args.batch_size)
+    with db.connect(autocommit=True, connect_timeout=10) as conn:
+        deleted = queue.prune(args.older_than, batch_size=args.batch_size, conn=conn)
     print(f"pruned {deleted} finished jobs")
     return 0
 
@@ -194,12 +197,13 @@ def cmd_enqueue(args) -> int:
         raise errors.InvalidInput(f"--args is not JSON: {exc}") from None
     common = dict(queue=args.queue, priority=args.priority, delay=args.delay,
                   max_attempts=args.max_attempts)
-    if args.count == 1:
-        job = queue.enqueue(args.kind, job_args, **common)
-        print(json.dumps({"id": job.id, "state": job.state}))
-    else:
-        ids = queue.enqueue_many(args.kind, [job_args] * args.count, **common)
-        print(json.dumps({"count": len(ids), "first_id": ids[0], "last_id": ids[-1]}))
+    with db.connect(autocommit=True, connect_timeout=10) as conn:
+        if args.count == 1:
+            job = queue.enqueue(args.kind, job_args, conn=conn, **common)
+            print(json.dumps({"id": job.id, "state": job.state}))
+        else:
+            ids = queue.enqueue_many(args.kind, [job_args] * args.count, conn=conn, **common)
+            print(json.dumps({"count": len(ids), "first_id": ids[0], "last_id": ids[-1]}))
     return 0
 
 
@@ -231,4 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except errors.JobrunnerError as exc:
         print(f"jobrunner: error: {exc}", file=sys.stderr)
+        return 1
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
+        print(f"jobrunner: error: the database is not migrated ({str(exc).strip()}); run "
+              f"`make migrate` or `python -m jobrunner.migrate`", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(f"jobrunner: error: the database is unavailable: {str(exc).strip()}",
+              file=sys.stderr)
         return 1

@@ -71,3 +71,6 @@ def test_cli_enqueue_and_prune(db_url, conn):
     assert pruned.returncode == 0 and "pruned 25" in pruned.stdout
     assert count(conn) == 1
     assert cli("prune", "--older-than", "soon").returncode == 2
+    env["DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
+    down = cli("enqueue", "jobrunner.noop")
+    assert down.returncode == 1 and "unavailable" in down.stderr and "Traceback" not in down.stderr
