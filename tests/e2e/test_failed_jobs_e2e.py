@@ -156,6 +156,54 @@ def test_report_job_survives_a_dropped_connection_and_succeeds_on_attempt_2(
     assert result["result"] == {"data": expected}
 
 
+def test_report_job_out_of_attempts_is_reported_dead_by_the_v2_long_poll(
+        db_url, conn, start_worker, gunicorn):
+    """Every attempt of a v2 report job loses its connection: after its 3 attempts the
+    long-poll answers dead, with the last error and the attempt count."""
+    server = gunicorn(db_url)
+    locker = psycopg.connect(db_url)
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def kill_waiting_aggregations():
+        with psycopg.connect(db_url, autocommit=True) as own:
+            while not stop.is_set():
+                for (pid,) in own.execute(
+                        "SELECT l.pid FROM pg_locks l WHERE NOT l.granted "
+                        "AND l.relation = 'orders'::regclass AND l.pid <> pg_backend_pid()").fetchall():
+                    own.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    killed.append(pid)
+                stop.wait(0.05)
+
+    killer = threading.Thread(target=kill_waiting_aggregations)
+    try:
+        locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        killer.start()
+        start_worker("--concurrency", "1", "--poll-interval", "0.5")
+        with server.client() as raw:
+            http = Checked(raw)
+            resp = http.request("POST", "/api/2.0/report/payments")
+            assert resp.status_code == 202, resp.text
+            status_url = resp.json()["data"]["status_url"]
+            for _ in range(10):
+                resp = http.request("GET", status_url + "?wait=30")
+                if resp.status_code == 200:
+                    break
+            assert resp.status_code == 200, resp.text
+            data = resp.json()["data"]
+    finally:
+        stop.set()
+        if killer.is_alive():
+            killer.join(30)
+        locker.rollback()
+        locker.close()
+    assert (data["status"], data["attempts"], data["max_attempts"]) == ("dead", 3, 3), data
+    assert "connection" in data["last_error"].lower() and "result" not in data
+    assert len(killed) >= 3
+    dead = one(conn, "SELECT * FROM dead_jobs WHERE id = %s", (data["job_id"],))
+    assert [e["attempt"] for e in dead["errors"]] == [1, 2, 3]
+
+
 def test_retries_racing_two_real_workers_never_corrupt_the_job(db_url, conn, start_worker):
     """Three threads keep retrying a job that two worker processes keep claiming and
     failing (max_attempts 1, so every retry grants exactly one more run)."""
