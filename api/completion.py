@@ -152,15 +152,21 @@ class CompletionHub:
     async def _connect(self) -> psycopg.AsyncConnection:
         conn = await psycopg.AsyncConnection.connect(
             self._url(), autocommit=True, application_name=self.application_name,
-            connect_timeout=config.env_int("DB_CONNECT_TIMEOUT", 5))
+            connect_timeout=config.env_int("DB_CONNECT_TIMEOUT", 5),
+            # TCP connections: notice a peer that vanished without a word.
+            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
         try:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            await conn.execute(self._listen_sql())
         except BaseException:
             await conn.close()
             raise
         return conn
 
+    def _listen_sql(self) -> sql.Composed:
+        return sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
+
     async def _listen(self) -> None:
+        listen = self._listen_sql()
         delay = self.backoff[0]
         while True:
             try:
@@ -184,8 +190,10 @@ class CompletionHub:
                     async for notify in conn.notifies(timeout=self.ping_every):
                         self.on_notify(notify.payload)
                     # A server that vanished without closing the socket shows up here.
-                    await conn.execute("SELECT 1")
-            except psycopg.Error as exc:
+                    # LISTEN again is a no-op round trip that keeps pg_stat_activity's
+                    # `query` of this backend saying what it is for.
+                    await asyncio.wait_for(conn.execute(listen), self.ping_every * 2)
+            except (psycopg.Error, TimeoutError) as exc:
                 log.warning("listener: connection lost (%s); reconnecting", exc)
             finally:
                 self.connected.clear()

@@ -302,6 +302,7 @@ def test_thousand_long_polls_on_one_process_share_one_listener(db_url, gunicorn,
     # One LISTEN connection, belonging to the one gunicorn worker process.
     listeners = state["listeners"]
     assert len(listeners) == 1, listeners
+    assert listeners[0][2].upper().startswith("LISTEN"), listeners
     pid = int(listeners[0][1].rsplit(":", 1)[1])
     assert _parent_pid(pid) == server.process.pid
     # The waiters held no pool connections while they waited.
