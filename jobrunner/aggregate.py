@@ -40,13 +40,14 @@ ROW = np.dtype([("nfields", ">i2"), ("len_user", ">i4"), ("user_id", ">i4"),
                 ("len_total", ">i4"), ("total", ">i4")])
 ROW_SIZE = ROW.itemsize                 # 18
 
-BATCH_BYTES = (2 << 20) // ROW_SIZE * ROW_SIZE   # parse ~2 MB of rows at a time
+BATCH_ROWS = 1 << 17                    # rows summed at a time (~2.4 MB of COPY data)
 # float64 bincount weights are exact while every partial sum stays below 2**53; a batch
 # holds at most 2**22 rows whose |total| < 2**31, so its sums stay below 2**53.
 MAX_BATCH_ROWS = 1 << 22
 DENSE_SPAN = 1 << 21                    # dense accumulator covers at most this many ids
 MERGE_PAIRS = 1 << 20                   # fold sparse partial results beyond this many
 MAX_PARTS = 16
+MIN_PART_BLOCKS = 512                   # 4 MB of heap; smaller tables use fewer connections
 
 
 def default_parallelism() -> int:
@@ -99,7 +100,8 @@ class _Accumulator:
             grown = max(size, min(DENSE_SPAN, 2 * len(self.dense)))
             self.dense = np.concatenate([self.dense, np.zeros(grown - len(self.dense), np.int64)])
             self.seen = np.concatenate([self.seen, np.zeros(grown - len(self.seen), np.bool_)])
-        sums = np.bincount(index, weights=totals.astype(np.float64))
+        weights = totals if totals.dtype == np.float64 else totals.astype(np.float64)
+        sums = np.bincount(index, weights=weights)
         self.dense[:len(sums)] += sums.astype(np.int64)
         special = totals <= 0
         if special.any():
@@ -143,18 +145,26 @@ def _reduce(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
 class BinaryCopyParser:
     """Parse a binary COPY stream of (int4 NOT NULL, int4 NOT NULL) rows in bulk.
 
-    `feed()` takes chunks of any size, split anywhere; complete rows go to `sink` in
-    batches of about `batch_bytes`; `close()` flushes and checks the stream ended
-    with the trailer. Anything else (other column types, NULLs, a cut stream) raises
-    errors.ReportDataError rather than producing wrong sums.
+    `feed()` takes chunks of any size, split anywhere. The rows of each chunk are read
+    in place through a numpy structured view (no copy of the chunk); a row split
+    between chunks is completed from the next one. User ids (intp) and totals
+    (float64, exact for int4) are gathered into `batch_rows`-long arrays handed to
+    `sink(user_ids, totals)`; the arrays are reused, so the sink must not keep them.
+    `close()` flushes and checks the stream ended with its trailer. Anything else
+    (other column types, NULLs, a cut stream) raises errors.ReportDataError rather
+    than producing wrong sums (the caller also compares the row count with the
+    server's, see _copy_part).
     """
 
-    def __init__(self, sink, batch_bytes: int = BATCH_BYTES):
+    def __init__(self, sink, batch_rows: int = BATCH_ROWS):
         self.sink = sink
-        self.batch_bytes = max(ROW_SIZE, batch_bytes)
-        self.parts: list[bytes] = []
-        self.size = 0
+        self.capacity = max(1, min(batch_rows, MAX_BATCH_ROWS))
+        self.user_ids = np.empty(self.capacity, np.intp)
+        self.totals = np.empty(self.capacity, np.float64)
+        self.filled = 0
+        self.head = b""                 # header bytes until the header is complete
         self.header_done = False
+        self.rest = b""                 # start of a row split between chunks
         self.ended = False
         self.rows = 0
 
@@ -163,56 +173,86 @@ class BinaryCopyParser:
             if len(chunk):
                 raise errors.ReportDataError("data after the end of the COPY stream")
             return
-        self.parts.append(bytes(chunk))
-        self.size += len(chunk)
-        if self.size >= self.batch_bytes:
-            self._parse(final=False)
+        if not self.header_done:
+            chunk = self._header(chunk)
+            if chunk is None:
+                return
+        pos, size = 0, len(chunk)
+        if self.rest:
+            take = min(size, ROW_SIZE - len(self.rest))
+            self.rest += bytes(chunk[:take])
+            pos = take
+            if self._at_trailer(self.rest, size - pos):
+                return
+            if len(self.rest) < ROW_SIZE:
+                return
+            self._rows(np.frombuffer(self.rest, ROW))
+            self.rest = b""
+        count = (size - pos) // ROW_SIZE
+        if count:
+            self._rows(np.frombuffer(chunk, ROW, count=count, offset=pos))
+            pos += count * ROW_SIZE
+        if pos < size:
+            self.rest = bytes(chunk[pos:])
+            self._at_trailer(self.rest, 0)
 
     def close(self) -> int:
         """Flush; return the number of rows parsed."""
+        self._flush()
         if not self.ended:
-            self._parse(final=True)
+            raise errors.ReportDataError("COPY stream cut short")
         return self.rows
 
-    def _parse(self, final: bool) -> None:
-        data = b"".join(self.parts) if len(self.parts) != 1 else self.parts[0]
-        self.parts, self.size = [], 0
-        pos = 0
-        if not self.header_done:
-            if len(data) < HEADER_FIXED:
-                return self._keep(data, 0, final)
-            if data[:len(SIGNATURE)] != SIGNATURE:
-                raise errors.ReportDataError("not a binary COPY stream")
-            flags, ext = struct.unpack_from(">iI", data, len(SIGNATURE))
-            if flags & 0x10000:
-                raise errors.ReportDataError("binary COPY with OIDs is not supported")
-            if len(data) < HEADER_FIXED + ext:
-                return self._keep(data, 0, final)
-            pos = HEADER_FIXED + ext
-            self.header_done = True
-        count = (len(data) - pos) // ROW_SIZE
-        if count:
-            rows = np.frombuffer(data, ROW, count=count, offset=pos)
-            if not ((rows["nfields"] == 2).all() and (rows["len_user"] == 4).all()
-                    and (rows["len_total"] == 4).all()):
-                raise errors.ReportDataError(
-                    "unexpected row layout in COPY data (expected two int4 NOT NULL columns)")
-            self.sink(rows["user_id"].astype(np.intp), rows["total"].astype(np.int64))
-            self.rows += count
-            pos += count * ROW_SIZE
-        self._keep(data, pos, final)
+    def _header(self, chunk):
+        """Collect the header; return what follows it, or None while incomplete."""
+        self.head += bytes(chunk)
+        if len(self.head) < HEADER_FIXED:
+            return None
+        if self.head[:len(SIGNATURE)] != SIGNATURE:
+            raise errors.ReportDataError("not a binary COPY stream")
+        flags, ext = struct.unpack_from(">iI", self.head, len(SIGNATURE))
+        if flags & 0x10000:
+            raise errors.ReportDataError("binary COPY with OIDs is not supported")
+        if len(self.head) < HEADER_FIXED + ext:
+            return None
+        self.header_done = True
+        body, self.head = self.head[HEADER_FIXED + ext:], b""
+        return body
 
-    def _keep(self, data: bytes, pos: int, final: bool) -> None:
-        rest = data[pos:]
-        if rest[:2] == TRAILER and self.header_done:
-            if len(rest) > 2:
-                raise errors.ReportDataError("data after the end of the COPY stream")
-            self.ended = True
-            return
-        if final:
-            raise errors.ReportDataError("COPY stream cut short")
-        if rest:
-            self.parts, self.size = [rest], len(rest)
+    def _at_trailer(self, rest: bytes, more: int) -> bool:
+        """True once the trailer is seen (rows never start with it: their field count
+        is 2); anything after it is an error."""
+        if rest[:2] != TRAILER:
+            return False
+        if len(rest) > 2 or more:
+            raise errors.ReportDataError("data after the end of the COPY stream")
+        self.ended = True
+        return True
+
+    def _rows(self, rows: np.ndarray) -> None:
+        # The first and last row of every piece are checked, not every row: the only
+        # rows of another length a two-int4 projection can yield are NULLs (4 bytes
+        # shorter), and any of those shifts the framing, which the trailer check and
+        # the row count the server reports (see _copy_part) both catch.
+        ends = rows[[0, -1]]
+        if not ((ends["nfields"] == 2).all() and (ends["len_user"] == 4).all()
+                and (ends["len_total"] == 4).all()):
+            raise errors.ReportDataError(
+                "unexpected row layout in COPY data (expected two int4 NOT NULL columns)")
+        self.rows += len(rows)
+        while len(rows):
+            take = min(len(rows), self.capacity - self.filled)
+            end = self.filled + take
+            self.user_ids[self.filled:end] = rows["user_id"][:take]
+            self.totals[self.filled:end] = rows["total"][:take]
+            self.filled, rows = end, rows[take:]
+            if self.filled == self.capacity:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.filled:
+            self.sink(self.user_ids[:self.filled], self.totals[:self.filled])
+            self.filled = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,22 +264,33 @@ def _ctid(block: int | None) -> str:
     return MAX_TID if block is None else f"({block},0)"
 
 
-def split_blocks(nblocks: int, parts: int) -> list[tuple[int, int | None]]:
-    """Split blocks 0..nblocks into `parts` contiguous ranges; the last is open-ended
-    (None), so rows in blocks added after the count are still read (and, being newer
-    than the snapshot, skipped by the server)."""
-    parts = max(1, min(parts, nblocks or 1))
+def split_blocks(nblocks: int, parts: int, min_blocks: int = 1) -> list[tuple[int, int | None]]:
+    """Split blocks 0..nblocks into at most `parts` contiguous ranges of at least
+    `min_blocks` blocks; the last is open-ended (None), so rows in blocks added after
+    the count are still read (and, being newer than the snapshot, skipped)."""
+    parts = max(1, min(parts, nblocks // max(1, min_blocks)))
     bounds = [nblocks * i // parts for i in range(parts)]
     return [(lo, hi) for lo, hi in zip(bounds, [*bounds[1:], None])]
 
 
-async def _copy_part(conn, query: str, acc: _Accumulator, batch_bytes: int) -> int:
-    parser = BinaryCopyParser(acc.add, batch_bytes)
+async def _copy_part(conn, query: str, acc: _Accumulator, batch_rows: int) -> int:
+    parser = BinaryCopyParser(acc.add, batch_rows)
+
+    failure: list[Exception] = []
 
     async def output(chunk):
-        parser.feed(chunk)
+        # An exception escaping this callback leaves asyncpg waiting forever (the
+        # server has finished, the client never returns): keep the first error and
+        # raise it once the COPY is over.
+        if not failure:
+            try:
+                parser.feed(chunk)
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                failure.append(exc)
 
     status = await conn.copy_from_query(query, output=output, format="binary")
+    if failure:
+        raise failure[0]
     rows = parser.close()
     expected = int(status.split()[-1])
     if rows != expected:
@@ -255,7 +306,7 @@ async def _connect(kwargs: dict):
         raise errors.DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
 
 
-async def _payments(url: str, parallelism: int, batch_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+async def _payments(url: str, parallelism: int, batch_rows: int, min_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     q = queries("report")
     kwargs = asyncpg_connect_kwargs(url)
     acc = _Accumulator()
@@ -263,21 +314,21 @@ async def _payments(url: str, parallelism: int, batch_bytes: int) -> tuple[np.nd
     others: list = []
     try:
         if parallelism <= 1:
-            await _copy_part(first, q["payments_rows"], acc, batch_bytes)
+            await _copy_part(first, q["payments_rows"], acc, batch_rows)
             return acc.result()
         async with first.transaction(isolation="repeatable_read", readonly=True):
             # Lock first (no snapshot yet), so nothing rewrites the table (VACUUM FULL,
             # TRUNCATE) while the parts are read; then snapshot and size together.
             await first.execute(q["payments_lock"])
             snapshot, nblocks = await first.fetchrow(q["payments_snapshot"])
-            ranges = split_blocks(nblocks, parallelism)
+            ranges = split_blocks(nblocks, parallelism, min_blocks)
             others = await asyncio.gather(*(_connect(kwargs) for _ in ranges[1:]))
             import_snapshot = sql.SQL(q["payments_import_snapshot"]).format(
                 snapshot=sql.Literal(snapshot)).as_string(None)
 
             async def part(conn, lo, hi):
                 await conn.fetchrow(q["payments_set_range"], _ctid(lo), _ctid(hi))
-                return await _copy_part(conn, q["payments_rows_range"], acc, batch_bytes)
+                return await _copy_part(conn, q["payments_rows_range"], acc, batch_rows)
 
             async def imported_part(conn, lo, hi):
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -294,17 +345,22 @@ async def _payments(url: str, parallelism: int, batch_bytes: int) -> tuple[np.nd
     return acc.result()
 
 
-def payment_arrays(url: str, *, parallelism: int | None = None,
-                   batch_bytes: int = BATCH_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """(user_ids, total_payments) as int64 arrays sorted by user id."""
-    return asyncio.run(_payments(url, parallelism or default_parallelism(), batch_bytes))
+def payment_arrays(url: str, *, parallelism: int | None = None, batch_rows: int = BATCH_ROWS,
+                   min_part_blocks: int = MIN_PART_BLOCKS) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids, total_payments) as int64 arrays sorted by user id.
+
+    `parallelism` is the most connections used (default: default_parallelism()); a
+    part gets at least `min_part_blocks` table blocks.
+    """
+    return asyncio.run(_payments(url, parallelism or default_parallelism(), batch_rows,
+                                 min_part_blocks))
 
 
-def payments(url: str, *, parallelism: int | None = None) -> list[dict]:
+def payments(url: str, *, parallelism: int | None = None, min_part_blocks: int = MIN_PART_BLOCKS) -> list[dict]:
     """`[{"user_id": ..., "total_payment": ...}, ...]` sorted by user_id.
 
     Synchronous; runs its own event loop, so it is safe to call from a thread
     (`await asyncio.to_thread(payments, url)`).
     """
-    keys, sums = payment_arrays(url, parallelism=parallelism)
+    keys, sums = payment_arrays(url, parallelism=parallelism, min_part_blocks=min_part_blocks)
     return [{"user_id": k, "total_payment": s} for k, s in zip(keys.tolist(), sums.tolist())]
