@@ -27,14 +27,14 @@ from typing import Awaitable, Callable
 import falcon
 import falcon.asgi
 
-from . import admin, auth, errors, health, metrics, openapi, reports_v1, reports_v2
+from . import admin, auth, dashboard, errors, health, metrics, openapi, reports_v1, reports_v2
 from .db import Database
 from .middleware import RequestIdMiddleware, configure_logging
 
 log = logging.getLogger("api.app")
 
 # Every resource module, in the order their routes and OpenAPI parts are added.
-MODULES = (health, reports_v1, reports_v2, metrics, admin, auth, openapi)
+MODULES = (health, reports_v1, reports_v2, metrics, admin, dashboard, auth, openapi)
 
 
 @dataclass
