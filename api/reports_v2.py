@@ -211,7 +211,7 @@ OPENAPI = {
                                          {"$ref": "#/components/schemas/ReportJobSubmitted"},
                                          {"Location": {"description": "The job's status URL.",
                                                        "schema": {"type": "string"}}}),
-                    **error_responses(400, 503),
+                    **error_responses(400, 409, 503),
                 },
             },
             "get": {
@@ -224,7 +224,7 @@ OPENAPI = {
                                          {"$ref": "#/components/schemas/ReportJobSubmitted"},
                                          {"Location": {"description": "The job's status URL.",
                                                        "schema": {"type": "string"}}}),
-                    **error_responses(400, 503),
+                    **error_responses(400, 409, 503),
                 },
             },
         },
