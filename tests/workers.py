@@ -1,4 +1,4 @@
-"""Helpers for tests that run real `jobrunner worker` processes."""
+"""Support for tests that run real `jobrunner worker` processes."""
 from __future__ import annotations
 
 import os
