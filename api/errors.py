@@ -56,6 +56,12 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+# SQLSTATEs the failed-jobs SQL functions (sql/004_failed_jobs.sql) raise on purpose, for
+# callers that run them without jobrunner.admin.sql_errors(): status and code.
+SQL_FUNCTION_ERRORS: dict[type[BaseException], tuple[int, str]] = {
+    psycopg.errors.NoDataFound: (404, errors.JobNotFound.code),           # P0002: no such job
+    psycopg.errors.ObjectNotInPrerequisiteState: (409, errors.Conflict.code),  # 55000: wrong state
+}
 NOT_MIGRATED: tuple[type[BaseException], ...] = (
     psycopg.errors.UndefinedTable,
     asyncpg.exceptions.UndefinedTableError,
@@ -116,6 +122,11 @@ def describe(req: falcon.Request, ex: BaseException) -> tuple[int, dict, dict[st
             body = {"title": status_line(status), "description": str(ex) or _phrase(status) + ".",
                     "code": ex.code}
         return status, body, headers
+    for cls, (status, code) in SQL_FUNCTION_ERRORS.items():
+        if isinstance(ex, cls):
+            diag = getattr(ex, "diag", None)
+            message = (diag.message_primary if diag is not None else None) or _phrase(status) + "."
+            return status, {"title": status_line(status), "description": message, "code": code}, {}
     if isinstance(ex, NOT_MIGRATED):
         return 503, {"title": status_line(503),
                      "description": "The database schema is not migrated yet.",
