@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import psycopg
 
 from jobrunner import queue
 
-from .common import Q, Process, Settings, child_env, metric, reset_jobs, unfinished, wait_for, workers
+from .common import (Q, CpuWindow, Process, Settings, child_env, metric, profiled, reset_jobs,
+                     unfinished, wait_for, workers)
 
 TARGET_JOBS_PER_S = 10_000
 TARGET_RATIO = 5.0
@@ -42,7 +44,8 @@ def _summary(url: str, n: int) -> dict:
             "jobs_per_s": (succeeded / seconds) if seconds else None}
 
 
-def run_ours(url: str, n: int, count: int, concurrency: int, timeout: float) -> dict:
+def run_ours(url: str, n: int, count: int, concurrency: int, timeout: float,
+             s: Settings | None = None) -> dict:
     fill_s = _fill(url, n)
     with workers(url, count, concurrency, "--poll-interval", "1", wait_listening=False) as procs:
         def done() -> bool:
@@ -51,9 +54,13 @@ def run_ours(url: str, n: int, count: int, concurrency: int, timeout: float) -> 
                     raise RuntimeError(f"worker died:\n{proc.log()[-3000:]}")
             return unfinished(url) == 0
 
-        wait_for(done, timeout, interval=0.2, what="the burn-down")
+        cpu = CpuWindow({f"worker{i}": p.pid for i, p in enumerate(procs)}).start()
+        with profiled(s, procs[0].pid, "burn-down-worker0") if s else nullcontext():
+            wait_for(done, timeout, interval=0.2, what="the burn-down")
+        cpu_figures = cpu.stop()
     figures = _summary(url, n)
-    figures.update(enqueue_many_s=fill_s, workers=count, concurrency=concurrency)
+    figures.update(enqueue_many_s=fill_s, workers=count, concurrency=concurrency,
+                   cpu=cpu_figures)
     return figures
 
 
@@ -78,7 +85,7 @@ def run_naive(url: str, n: int, count: int, slots: int, timeout: float) -> dict:
 def run(url: str, s: Settings) -> dict:
     n = s.size(100_000, 5_000)
     naive_slots = s.extra.get("naive_slots", 4)
-    ours = run_ours(url, n, s.workers, s.concurrency, timeout=600)
+    ours = run_ours(url, n, s.workers, s.concurrency, timeout=600, s=s)
     s.log(f"  ours:  {ours['jobs_per_s']:,.0f} jobs/s ({ours['seconds']:.2f} s)")
     naive = run_naive(url, n, s.workers, naive_slots, timeout=1800)
     s.log(f"  naive: {naive['jobs_per_s']:,.0f} jobs/s ({naive['seconds']:.2f} s)")

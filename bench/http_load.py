@@ -29,7 +29,7 @@ import httpx
 
 from scripts import seed
 
-from .common import Settings, api_server, distribution_ms, metric
+from .common import CpuWindow, Settings, api_server, distribution_ms, metric, profiled
 
 CONNECTIONS = 64
 TARGET_V2_P99_MS = 20.0
@@ -175,14 +175,20 @@ def run(url: str, s: Settings) -> dict:
         for name, method, path in (("v1 report", "GET", V1_PATH), ("v2 submit", "POST", V2_PATH)):
             if name == "v2 submit" and not v2:
                 continue
-            if wrk:
-                figures = run_wrk(wrk, api.base_url + path, method, seconds)
-            else:
-                figures = run_python(api.port, method, path, seconds)
+            pid = api.worker_pid()
+            cpu = CpuWindow({"api": pid}).start()
+            with profiled(s, pid, "http-" + name.replace(" ", "-")):
+                if wrk:
+                    figures = run_wrk(wrk, api.base_url + path, method, seconds)
+                else:
+                    figures = run_python(api.port, method, path, seconds)
+            figures["cpu"] = cpu.stop()
             results[name] = figures
             s.log(f"  {name}: {figures['requests_per_s']:,.0f} req/s, p99 "
                   f"{figures.get('p99_ms') or 0:.1f} ms, non-2xx {figures['non_2xx']}, "
-                  f"socket errors {figures['socket_errors']} ({loadgen})")
+                  f"socket errors {figures['socket_errors']} ({loadgen}); API process CPU "
+                  f"{figures['cpu'].get('api_cpu_s', 0) / figures['cpu']['wall_s'] * 100:.0f}%, machine busy "
+                  f"{(figures['cpu'].get('machine_busy_fraction') or 0) * 100:.0f}%")
     metrics = []
     for name, figures in results.items():
         metrics.append(metric(f"{name} req/s", figures["requests_per_s"], "req/s"))
