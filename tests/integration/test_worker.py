@@ -278,11 +278,11 @@ def test_worker_waits_for_migrations_and_then_works(new_database, caplog):
 
 
 def test_heartbeats_keep_a_long_job_from_being_taken_over(conn, run_worker):
-    # lease 0.6 s, heartbeat every 0.2 s; the job runs 4 leases long next to an idle worker
-    run_worker(lease=0.6, poll_interval=0.1)
-    job = queue.enqueue("jobrunner.sleep", {"seconds": 2.4}, conn=conn)
+    # lease 1.5 s, heartbeat every 0.5 s; the job runs two leases long next to an idle worker
+    run_worker(lease=1.5, poll_interval=0.1)
+    job = queue.enqueue("jobrunner.sleep", {"seconds": 3.2}, conn=conn)
     wait_until(lambda: queue.get(job.id, conn=conn).state == "running", what="running")
-    run_worker(lease=0.6, poll_interval=0.1)   # would take it over if the lease lapsed
+    run_worker(lease=1.5, poll_interval=0.1)   # would take it over if the lease lapsed
     done = final(conn, job.id)
     assert done.state == "succeeded" and done.attempts == 1 and done.errors == []
     assert done.heartbeat_at > done.started_at      # heartbeats extended the lease
