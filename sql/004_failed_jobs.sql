@@ -23,6 +23,13 @@
 -- as enqueue does; a job that becomes cancelled sends NOTIFY jobrunner_done
 -- ({"id": ..., "state": "cancelled"}), as the workers do for every final state.
 
+-- The views read only the rows they show: two small partial indexes (failed and dead jobs
+-- are few next to the succeeded ones), with the views' own predicates. A job enters them
+-- only when it fails, so the hot path (enqueue, claim, success) never touches them.
+CREATE INDEX jobs_failed_idx ON jobs (id)
+    WHERE state <> 'succeeded' AND (state IN ('failed', 'dead') OR jsonb_array_length(errors) > 0);
+CREATE INDEX jobs_dead_idx ON jobs (queue, kind) WHERE state = 'dead';
+
 CREATE VIEW failed_jobs AS
 SELECT id, queue, kind, state, attempts, max_attempts,
        jsonb_array_length(errors) AS errors_count,
