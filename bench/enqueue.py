@@ -6,8 +6,9 @@
   `enqueue(...)` + COMMIT for a fixed time; jobs/s over all writers. In the same run the
   same writers insert the same row into a copy of the jobs table that has the per-row
   NOTIFY trigger design (AFTER INSERT FOR EACH ROW -> pg_notify), and, as the floor, into
-  jobs with no notification at all. Each design runs `repeats` times, interleaved; the
-  best of each is reported.
+  jobs with no notification at all, and a proposal: a NOTIFY debounced across processes
+  (at most one per 5 ms per queue; see `debounce_design_insert` in sql/queries/bench.sql).
+  Each design runs `repeats` times, interleaved; the best of each is reported.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ from .common import Q, Settings, metric, reset_jobs
 
 TARGET_BULK_JOBS_PER_S = 100_000
 TARGET_TRIGGER_RATIO = 3.0
-DESIGNS = ("jobrunner", "per-row trigger", "no notify")
+DESIGNS = ("jobrunner", "per-row trigger", "no notify", "debounced notify")
+_SQL_OF = {"per-row trigger": "trigger_design_insert", "no notify": "plain_insert",
+           "debounced notify": "debounce_design_insert"}
 
 
 def _one(design: str, conn: psycopg.Connection) -> None:
     if design == "jobrunner":
         queue.enqueue("jobrunner.noop", {}, conn=conn)
     else:
-        name = "trigger_design_insert" if design == "per-row trigger" else "plain_insert"
-        conn.execute(Q[name], {"queue": "default", "kind": "jobrunner.noop", "args": Jsonb({})})
+        conn.execute(Q[_SQL_OF[design]],
+                     {"queue": "default", "kind": "jobrunner.noop", "args": Jsonb({})})
     conn.commit()
 
 
@@ -96,6 +99,8 @@ def run(url: str, s: Settings) -> dict:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(Q["trigger_design_drop"])
         conn.execute(Q["trigger_design_create"])
+        conn.execute(Q["debounce_design_drop"])
+        conn.execute(Q["debounce_design_create"])
     rates: dict[str, list[float]] = {d: [] for d in DESIGNS}
     try:
         for _ in range(s.size(2, 1)):
@@ -108,6 +113,7 @@ def run(url: str, s: Settings) -> dict:
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(Q["trigger_design_drop"])
+            conn.execute(Q["debounce_design_drop"])
         reset_jobs(url)
     best = {d: max(r) for d, r in rates.items()}
     ratio = best["jobrunner"] / best["per-row trigger"] if best["per-row trigger"] else None
@@ -115,8 +121,8 @@ def run(url: str, s: Settings) -> dict:
         "scenario": "bulk enqueue",
         "method": (f"enqueue_many of {n:,} jobs, call to commit, best of {repeats}; "
                    f"{writers} writer processes x {seconds} s of enqueue()+COMMIT per job, "
-                   "against a per-row NOTIFY trigger copy of the table and a no-notify insert "
-                   "(interleaved, best of each)"),
+                   "against a per-row NOTIFY trigger copy of the table, a no-notify insert and a "
+                   "debounced-NOTIFY proposal (interleaved, best of each)"),
         "enqueue_many_s": times,
         "writers": writers,
         "writer_seconds": seconds,
@@ -127,5 +133,9 @@ def run(url: str, s: Settings) -> dict:
             metric("16 writers, per-row trigger jobs/s", best["per-row trigger"], "jobs/s"),
             metric("16 writers, no NOTIFY jobs/s", best["no notify"], "jobs/s"),
             metric("enqueue() vs per-row trigger", ratio, "x", target=TARGET_TRIGGER_RATIO, op=">="),
+            metric("16 writers, debounced NOTIFY (proposal) jobs/s", best["debounced notify"], "jobs/s"),
+            metric("debounced NOTIFY (proposal) vs per-row trigger",
+                   best["debounced notify"] / best["per-row trigger"] if best["per-row trigger"] else None,
+                   "x"),
         ],
     }

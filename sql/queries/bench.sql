@@ -104,3 +104,34 @@ RETURNING id
 INSERT INTO jobs (queue, kind, args, max_attempts)
 VALUES (%(queue)s, %(kind)s, %(args)s, 5)
 RETURNING id
+
+-- name: debounce_design_create
+-- A proposal measured beside the queue's enqueue: NOTIFY at most once per 5 ms per queue
+-- across all processes. A tiny unlogged table holds when each queue was last notified; a
+-- writer that finds it older than 5 ms and not locked by another notifier (SKIP LOCKED,
+-- so nobody waits) updates it and notifies; the others commit without a NOTIFY, so their
+-- commits do not take the cluster-wide notification lock. (Workers would re-claim 5 ms
+-- after a wake-up to pick up the jobs committed in the quiet window.)
+CREATE UNLOGGED TABLE bench_notify_state (queue text PRIMARY KEY, notified_at timestamptz NOT NULL);
+INSERT INTO bench_notify_state VALUES ('default', '-infinity')
+
+-- name: debounce_design_drop
+DROP TABLE IF EXISTS bench_notify_state
+
+-- name: debounce_design_insert
+WITH ins AS (
+    INSERT INTO jobs (queue, kind, args, max_attempts)
+    VALUES (%(queue)s, %(kind)s, %(args)s, 5)
+    RETURNING id, queue
+), due AS (
+    SELECT s.queue FROM bench_notify_state s JOIN ins ON s.queue = ins.queue
+    WHERE s.notified_at < clock_timestamp() - interval '5 milliseconds'
+    FOR UPDATE OF s SKIP LOCKED
+), upd AS (
+    UPDATE bench_notify_state s SET notified_at = clock_timestamp()
+    FROM due WHERE s.queue = due.queue
+    RETURNING s.queue
+)
+SELECT ins.id,
+       CASE WHEN upd.queue IS NOT NULL THEN pg_notify('jobrunner_jobs', upd.queue) END
+FROM ins LEFT JOIN upd ON true
