@@ -3,7 +3,8 @@
 Runs the benchmark scenarios against the PostgreSQL server in use (DATABASE_URL, or
 the embedded server), each in a scratch database of its own (created, migrated and
 dropped again: the data of the database in use is never touched), prints a table and
-writes bench/results/latest.json (latest-quick.json for --quick): every figure, its
+writes bench/results/latest.json (latest-quick.json for --quick; and the table as
+Markdown beside it, latest.md): every figure, its
 target and whether it was met, and the machine (cores, memory, CPU, PostgreSQL version
 and settings, load average before and after each scenario).
 
@@ -97,6 +98,34 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The figures as a Markdown table (for docs/benchmarks.md)."""
+    m = report["machine"]
+    pg = m["postgres"]
+    lines = [
+        f"Run of {report['date']}{' (quick)' if report['quick'] else ''}: {m['cores']} cores "
+        f"({m['cpu_model']}), {m['memory_mb']:,} MB, PostgreSQL {pg['version']} ({pg['where']}; "
+        + ", ".join(f"{k}={v}" for k, v in sorted(pg["settings"].items())) + "); "
+        f"load average {report['load_average_at_start']} at the start.",
+        "",
+        "| scenario | figure | value | target | |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for sc in report["scenarios"]:
+        name = sc.get("scenario") or sc["name"]
+        if sc["status"] != "ok":
+            reason = (sc.get("reason") or "").splitlines()[0][:100] if sc.get("reason") else ""
+            lines.append(f"| {name} | {sc['status']} | {reason} | | |")
+            continue
+        for metric_ in sc["metrics"]:
+            target = f"{metric_['op']} {_fmt(metric_['target'], metric_['unit'])}" if "target" in metric_ else ""
+            verdict = "" if "target" not in metric_ else ("pass" if metric_["met"] else "**miss**")
+            lines.append(f"| {name} | {metric_['metric']} | {_fmt(metric_['value'], metric_['unit'])} "
+                         f"| {target} | {verdict} |")
+            name = ""
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute (CI)")
@@ -163,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / ("latest-quick.json" if args.quick else "latest.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
     print()
     print(table(report))
     misses = [m for sc in report["scenarios"] if sc["status"] == "ok"

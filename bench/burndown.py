@@ -54,7 +54,7 @@ def run_ours(url: str, n: int, count: int, concurrency: int, timeout: float,
                     raise RuntimeError(f"worker died:\n{proc.log()[-3000:]}")
             return unfinished(url) == 0
 
-        cpu = CpuWindow({f"worker{i}": p.pid for i, p in enumerate(procs)}).start()
+        cpu = CpuWindow({f"worker{i}": p.pid for i, p in enumerate(procs)}, url).start()
         with profiled(s, procs[0].pid, "burn-down-worker0") if s else nullcontext():
             wait_for(done, timeout, interval=0.2, what="the burn-down")
         cpu_figures = cpu.stop()

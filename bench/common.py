@@ -337,11 +337,15 @@ def api_server(url: str, **env: str) -> Iterator[Api]:
 
 # --- CPU accounting and profiling -----------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far (from /proc)."""
+def cpu_seconds(pid: int, reaped_children: bool = False) -> float | None:
+    """User + system CPU seconds a process has used so far (from /proc); with
+    reaped_children, plus those of its children that exited and were waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[11]) + int(fields[12])
+        if reaped_children:
+            ticks += int(fields[13]) + int(fields[14])
+        return ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 
@@ -357,22 +361,51 @@ def machine_cpu() -> tuple[float, float] | None:
     return (sum(values) - idle) / tick, sum(values) / tick
 
 
-class CpuWindow:
-    """CPU used by some processes and by the whole machine between start() and stop()."""
+def postmaster_pid(url: str) -> int | None:
+    """The server's postmaster, when it runs on this machine and we may read its pid file."""
+    try:
+        with psycopg.connect(url) as conn:
+            data_dir = conn.execute("SHOW data_directory").fetchone()[0]
+        return int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
+    except (psycopg.Error, OSError, ValueError, IndexError):
+        return None
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
+
+def server_cpu_seconds(postmaster: int | None) -> float | None:
+    """CPU seconds of the server's processes: the postmaster, its live children, and
+    those that exited (the postmaster reaps them: their time is in its children's)."""
+    if not postmaster:
+        return None
+    total = cpu_seconds(postmaster, reaped_children=True)
+    if total is None:
+        return None
+    for child in children(postmaster):
+        total += cpu_seconds(child) or 0.0
+    return total
+
+
+class CpuWindow:
+    """CPU used by some processes, by the PostgreSQL server (when it runs here) and by
+    the whole machine between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int | None], server_url: str | None = None) -> None:
         self.pids = {k: v for k, v in pids.items() if v}
+        self.postmaster = postmaster_pid(server_url) if server_url else None
         self.figures: dict[str, Any] = {}
 
     def start(self) -> "CpuWindow":
         self._t = time.perf_counter()
         self._proc = {k: cpu_seconds(p) for k, p in self.pids.items()}
+        self._server = server_cpu_seconds(self.postmaster)
         self._machine = machine_cpu()
         return self
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._t
         out: dict[str, Any] = {"wall_s": wall}
+        server_now = server_cpu_seconds(self.postmaster)
+        if server_now is not None and self._server is not None:
+            out["postgres_cpu_s"] = server_now - self._server
         for k, p in self.pids.items():
             now, before = cpu_seconds(p), self._proc.get(k)
             if now is not None and before is not None:
@@ -382,6 +415,10 @@ class CpuWindow:
             busy = machine_now[0] - self._machine[0]
             total = machine_now[1] - self._machine[1]
             out["machine_busy_fraction"] = busy / total if total else None
+            out["machine_busy_cpu_s"] = busy
+            # Everything else on the machine (other users' processes among them).
+            out["other_cpu_s"] = busy - sum(v for k, v in out.items()
+                                            if k.endswith("_cpu_s") and k != "machine_busy_cpu_s")
         self.figures = out
         return out
 

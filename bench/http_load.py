@@ -176,7 +176,7 @@ def run(url: str, s: Settings) -> dict:
             if name == "v2 submit" and not v2:
                 continue
             pid = api.worker_pid()
-            cpu = CpuWindow({"api": pid}).start()
+            cpu = CpuWindow({"api": pid}, url).start()
             with profiled(s, pid, "http-" + name.replace(" ", "-")):
                 if wrk:
                     figures = run_wrk(wrk, api.base_url + path, method, seconds)

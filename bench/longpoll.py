@@ -174,7 +174,7 @@ def _round(url: str, api, pid: int | None, n: int, s: Settings, how: str) -> dic
 
             probe = Listener(url, [queue.DONE_CHANNEL], on_done, name="bench-probe").start()
             probe.wait_connected(30)
-            cpu = CpuWindow({"api": pid, "client": proc.pid}).start()
+            cpu = CpuWindow({"api": pid, "client": proc.pid}, url).start()
             with profiled(s, pid, f"long-poll-api-{how}"):
                 if how == "workers":
                     with workers(url, s.workers, s.concurrency, "--poll-interval", "1",
