@@ -45,6 +45,14 @@ def _answer(resp: falcon.Response, view: JobView) -> None:
     resp.data = view.body()
 
 
+async def _client_gone(receive) -> None:
+    """Returns when the ASGI server reports the client disconnected."""
+    while True:
+        event = await receive()
+        if event.get("type") == "http.disconnect":
+            return
+
+
 class PaymentsReportJobs:
     """POST (and legacy GET) /api/2.0/report/payments: submit a report job."""
 
@@ -93,12 +101,13 @@ class PaymentsReportJob:
             view = await report_jobs.read_job(self.db, job_id)
             if view.final:
                 return view
-            # After the (empty) body, the ASGI receive channel yields only
-            # http.disconnect: when the client goes away. Falcon keeps it on the request.
+            # The ASGI receive channel yields what is left of the body (nothing, for a
+            # well-behaved GET), then http.disconnect when the client goes away. Falcon
+            # keeps the channel on the request.
             receive = getattr(req, "_receive", None)
             watched = {future}
             if receive is not None:
-                disconnect = asyncio.ensure_future(receive())
+                disconnect = asyncio.ensure_future(_client_gone(receive))
                 watched.add(disconnect)
             await asyncio.wait(watched, timeout=max(0.0, deadline - loop.time()),
                                return_when=asyncio.FIRST_COMPLETED)
