@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from jobrunner import config, queue
+from tests.e2e.test_openapi import OpenAPI, check_exchange
 from tests.workers import start_worker, wait_until  # noqa: F401 - start_worker is a fixture
 
 pytestmark = pytest.mark.e2e
@@ -60,14 +61,21 @@ def test_dashboard_endpoints(new_database, gunicorn):
     server = gunicorn(url, env={"ADMIN_TOKEN": TOKEN})
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with server.client() as http, psycopg.connect(url, autocommit=True) as conn:
-        assert http.get("/api/admin/throughput").status_code == 401
-        assert http.get("/api/admin/reports/latest",
-                        headers={"Authorization": "Bearer nope"}).status_code == 401
+        api = OpenAPI(http.get("/openapi.json").json())
+
+        def get(path: str, **kwargs):
+            resp = http.get(path, **kwargs)
+            check_exchange(api, "GET", path, resp)   # the document tells the truth
+            return resp
+
+        assert get("/api/admin/throughput").status_code == 401
+        assert get("/api/admin/reports/latest",
+                   headers={"Authorization": "Bearer nope"}).status_code == 401
         for bad in ("window=0", "window=abc", "bucket=0", "window=21600&bucket=1", "nope=1"):
-            resp = http.get(f"/api/admin/throughput?{bad}", headers=auth)
+            resp = get(f"/api/admin/throughput?{bad}", headers=auth)
             assert resp.status_code == 400, bad
             assert resp.json()["code"] == "invalid_input"
-        assert http.get("/api/admin/reports/latest", headers=auth).json() == {"data": None}
+        assert get("/api/admin/reports/latest", headers=auth).json() == {"data": None}
 
         # Finished jobs land in their buckets; the totals are the database's.
         ids = queue.enqueue_many("jobrunner.noop", [{}] * 7, conn=conn)
@@ -76,7 +84,7 @@ def test_dashboard_endpoints(new_database, gunicorn):
         conn.execute("UPDATE jobs SET state = 'dead', finished_at = now() WHERE id = ANY(%s)", (ids[4:6],))
         conn.execute("UPDATE jobs SET state = 'cancelled', finished_at = now() - interval '2 hours' "
                      "WHERE id = %s", (ids[6],))   # outside the window
-        data = http.get("/api/admin/throughput?window=600&bucket=30", headers=auth).json()["data"]
+        data = get("/api/admin/throughput?window=600&bucket=30", headers=auth).json()["data"]
         assert data["window_seconds"] == 600 and data["bucket_seconds"] == 30
         assert 20 <= len(data["buckets"]) <= 22
         assert sum(b["succeeded"] for b in data["buckets"]) == 4
@@ -97,7 +105,7 @@ def test_dashboard_endpoints(new_database, gunicorn):
                      "(%s, '{\"data\": [{\"user_id\": 1, \"total_payment\": 5}]}', 1), "
                      "(%s, '{\"data\": [{\"user_id\": 2, \"total_payment\": 7}]}', 2)",
                      (older.id, newer.id))
-        latest = http.get("/api/admin/reports/latest", headers=auth).json()["data"]
+        latest = get("/api/admin/reports/latest", headers=auth).json()["data"]
         assert latest["job_id"] == newer.id and latest["attempts"] == 2
         assert latest["result"] == {"data": [{"user_id": 2, "total_payment": 7}]}
 
