@@ -107,6 +107,7 @@
   function setLive(state, text) {
     $("live").dataset.state = state;
     $("live-text").textContent = text;
+    $("live").title = text;
   }
 
   function notice(title, text, kind = "error") {

@@ -241,6 +241,9 @@ def test_dashboard_in_chromium(new_database, gunicorn, start_worker, browser):
         wait.until(lambda d: d.execute_script("return window.innerWidth") == 390)
         assert browser.execute_script("return document.documentElement.scrollWidth") == 390
         assert shown("kpi-dead") and shown("run-report")
+        wait.until(lambda d: d.execute_script(   # the charts are redrawn for the width
+            "const box = document.getElementById('throughput');"
+            "return box.querySelector('svg').viewBox.baseVal.width === Math.max(280, box.clientWidth)"))
         browser.save_screenshot(str(ARTIFACTS / "dashboard-phone.png"))
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
