@@ -4,7 +4,8 @@ waiters.
     hub = CompletionHub(url_fn, fetch)        # fetch(ids) -> {id: view}; one query
     await hub.start(shutting_down)            # lifespan startup (after the fork)
     future = hub.register(job_id)             # before reading the job's state!
-    ...                                       # read; if final answer; else await future
+    view = await hub.read(job_id)             # coalesced with concurrent reads
+    ...                                       # final: answer; else await future
     hub.discard(job_id, future)               # always (finally)
     await hub.stop()                          # lifespan shutdown
 
@@ -20,6 +21,9 @@ waiters.
 - Notifications sent while the listener was disconnected are lost, so after every
   (re)connection every job someone waits for is read again. Handlers also re-read at
   their deadline, so nothing waits past it or answers stale.
+- Reads of a job's current state (a request arriving, a deadline) are coalesced too:
+  whatever is asked while one query runs goes into the next, so thousands of clients
+  arriving at once cost a few queries and a few pool checkouts, not thousands.
 - When the process is told to stop (`shutting_down`), every waiter is answered with
   the job's current state (one query) and new waits answer at once.
 
@@ -59,6 +63,8 @@ class CompletionHub:
         self._waiters: dict[int, set[asyncio.Future]] = {}
         self._pending: set[int] = set()
         self._wake: asyncio.Event | None = None
+        self._reads: dict[int, list[asyncio.Future]] = {}
+        self._read_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self.connected: asyncio.Event | None = None
         self.closed = False
@@ -97,6 +103,44 @@ class CompletionHub:
         for future in self._waiters.pop(job_id, ()):
             if not future.done():
                 future.set_result(result)
+
+    # --- coalesced reads ---------------------------------------------------------------
+
+    async def read(self, job_id: int) -> Any:
+        """The job's current view (None if there is no such job), read together with
+        every other read asked for meanwhile: one query per round trip, whatever the
+        number of requests arriving (or reaching their deadline) at once. Database
+        errors are raised to every caller of the failed batch."""
+        future = asyncio.get_running_loop().create_future()
+        self._reads.setdefault(job_id, []).append(future)
+        if self._read_task is None or self._read_task.done():
+            self._read_task = asyncio.create_task(self._read_batches(), name="completion-reads")
+        return await future
+
+    async def _read_batches(self) -> None:
+        while self._reads:
+            batch, self._reads = self._reads, {}
+            ids = list(batch)
+            try:
+                views: dict[int, Any] = {}
+                for start in range(0, len(ids), self.batch):
+                    views.update(await self._fetch(ids[start:start + self.batch]))
+            except asyncio.CancelledError:
+                for futures in batch.values():
+                    for future in futures:
+                        future.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - each caller gets it (e.g. a 503)
+                for futures in batch.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for job_id, futures in batch.items():
+                view = views.get(job_id)
+                for future in futures:
+                    if not future.done():
+                        future.set_result(view)
 
     # --- notifications ---------------------------------------------------------------
 
@@ -195,6 +239,9 @@ class CompletionHub:
                     await asyncio.wait_for(conn.execute(listen), self.ping_every * 2)
             except (psycopg.Error, TimeoutError) as exc:
                 log.warning("listener: connection lost (%s); reconnecting", exc)
+            except Exception:  # noqa: BLE001 - never let the listener die
+                log.exception("listener: unexpected error; reconnecting")
+                await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
                 try:
@@ -243,6 +290,9 @@ class CompletionHub:
         if not self.closed:
             await self.release_all()
         tasks, self._tasks = self._tasks, []
+        if self._read_task is not None:
+            tasks.append(self._read_task)
+            self._read_task = None
         for task in tasks:
             task.cancel()
         for task in tasks:

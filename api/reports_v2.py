@@ -80,7 +80,7 @@ class PaymentsReportJob:
         job = report_jobs.parse_job_id(job_id)
         wait = report_jobs.parse_wait(req.get_param_as_list("wait"))
         if wait is None or self.hub.closed:
-            view = await report_jobs.read_job(self.db, job)
+            view = await self._read(job)
         else:
             view = await self._long_poll(req, job, wait)
         _answer(resp, view)
@@ -91,6 +91,13 @@ class PaymentsReportJob:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = view.body()
 
+    async def _read(self, job_id: int) -> JobView:
+        """The job now (reads of many requests share one query); 404 if unknown."""
+        view = await self.hub.read(job_id)
+        if view is None:
+            raise errors.JobNotFound(job_id)
+        return view
+
     async def _long_poll(self, req: falcon.Request, job_id: int, wait: float) -> JobView:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -98,7 +105,7 @@ class PaymentsReportJob:
         disconnect = None
         metrics.LONGPOLL_WAITERS.inc()
         try:
-            view = await report_jobs.read_job(self.db, job_id)
+            view = await self._read(job_id)
             if view.final:
                 return view
             # The ASGI receive channel yields what is left of the body (nothing, for a
@@ -119,7 +126,7 @@ class PaymentsReportJob:
                 log.debug("long-poll of job %d: client went away", job_id)
                 return view           # nobody reads the answer
             # The deadline (or a wake-up): the job as it is now.
-            return await report_jobs.read_job(self.db, job_id)
+            return await self._read(job_id)
         finally:
             metrics.LONGPOLL_WAITERS.dec()
             self.hub.discard(job_id, future)

@@ -31,9 +31,11 @@ class Hub:
     def __init__(self, url: str, **kwargs) -> None:
         self.db = Database(url)
         self.reads: Counter[int] = Counter()
+        self.calls = 0
 
         async def fetch(ids):
             ids = list(ids)
+            self.calls += 1
             self.reads.update(ids)
             return await report_jobs.read_jobs(self.db, ids)
 
@@ -130,5 +132,24 @@ def test_stopping_answers_waiters_with_the_current_state(db_url):
             await watcher
             assert {v.state for v in views} == {"queued"}
             assert hub.closed and hub.register(job.id).done()      # no new waits
+
+    asyncio.run(main())
+
+
+def test_concurrent_reads_are_coalesced(db_url):
+    async def main():
+        holder = Hub(db_url)
+        async with holder as hub:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                ids = queue.enqueue_many("report.payments", [{} for _ in range(20)], conn=conn)
+                noop = queue.enqueue("jobrunner.noop", conn=conn).id
+            calls_before = holder.calls
+            asked = [ids[i % 20] for i in range(1000)] + [noop, 10**12]
+            views = await asyncio.wait_for(asyncio.gather(*(hub.read(i) for i in asked)), 30)
+            assert [v.id for v in views[:1000]] == asked[:1000]
+            assert {v.state for v in views[:1000]} == {"queued"}
+            assert views[1000:] == [None, None]          # not a report job; no such job
+            assert holder.calls - calls_before <= 3      # a few queries, not a thousand
+            assert max(holder.reads[i] for i in ids) <= 3
 
     asyncio.run(main())
