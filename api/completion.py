@@ -19,8 +19,9 @@ waiters.
   hold no database connection while they wait; on the hot path nothing is done per
   waiter but resolving its future.
 - Notifications sent while the listener was disconnected are lost, so after every
-  (re)connection every job someone waits for is read again. Handlers also re-read at
-  their deadline, so nothing waits past it or answers stale.
+  (re)connection every job someone waits for is read again (one query), and as a
+  safety net every `recheck_every` seconds too. Handlers also re-read at their
+  deadline, so nothing waits past it or answers stale.
 - Reads of a job's current state (a request arriving, a deadline) are coalesced too:
   whatever is asked while one query runs goes into the next, so thousands of clients
   arriving at once cost a few queries and a few pool checkouts, not thousands.
@@ -53,11 +54,13 @@ WAKE = object()   # "read the job yourself"
 class CompletionHub:
     def __init__(self, url: Callable[[], str], fetch: Callable[[Iterable[int]], Awaitable[dict[int, Any]]],
                  *, channel: str = DONE_CHANNEL, ping_every: float = 5.0,
+                 recheck_every: float = 30.0,
                  backoff: tuple[float, float] = (0.1, 2.0), batch: int = 1000) -> None:
         self._url = url
         self._fetch = fetch
         self.channel = channel
         self.ping_every = ping_every
+        self.recheck_every = recheck_every
         self.backoff = backoff
         self.batch = batch
         self._waiters: dict[int, set[asyncio.Future]] = {}
@@ -229,10 +232,17 @@ class CompletionHub:
                      " (reconnected: re-reading waited jobs)" if self.connects > 1 else "")
             # Whatever finished while nobody listened (or before the first LISTEN).
             self.recheck()
+            loop = asyncio.get_running_loop()
+            rechecked = loop.time()
             try:
                 while True:
                     async for notify in conn.notifies(timeout=self.ping_every):
                         self.on_notify(notify.payload)
+                    # Safety net (e.g. a proxy that drops notifications): now and then
+                    # one query re-reads every waited job.
+                    if loop.time() - rechecked >= self.recheck_every:
+                        rechecked = loop.time()
+                        self.recheck()
                     # A server that vanished without closing the socket shows up here.
                     # LISTEN again is a no-op round trip that keeps pg_stat_activity's
                     # `query` of this backend saying what it is for.

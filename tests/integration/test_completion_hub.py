@@ -153,3 +153,19 @@ def test_concurrent_reads_are_coalesced(db_url):
             assert max(holder.reads[i] for i in ids) <= 3
 
     asyncio.run(main())
+
+
+def test_a_job_finished_without_notification_is_found_by_the_periodic_recheck(db_url):
+    async def main():
+        holder = Hub(db_url, ping_every=0.1, recheck_every=0.3)
+        async with holder as hub:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                job = queue.enqueue("report.payments", conn=conn)
+                waiter = hub.register(job.id)
+                # Final, but no NOTIFY (as behind a proxy that drops them).
+                conn.execute("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = %s",
+                             [job.id])
+            view = await asyncio.wait_for(waiter, 30)
+            assert view.state == "cancelled" and hub.connects == 1
+
+    asyncio.run(main())
