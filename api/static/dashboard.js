@@ -281,7 +281,9 @@
   // --- rendering: failed and dead jobs --------------------------------------------------------
 
   function renderProblems(dead, failed, totals) {
-    const jobs = [...dead, ...failed].sort((a, b) => b.id - a.id);
+    // Dead jobs first (they need someone), then the ones still retrying; newest first.
+    const byNewest = (a, b) => b.id - a.id;
+    const jobs = [...[...dead].sort(byNewest), ...[...failed].sort(byNewest)];
     const body = $("problems").tBodies[0];
     body.replaceChildren(...jobs.map(problemRow));
     $("problems-empty").hidden = jobs.length > 0;
@@ -293,6 +295,17 @@
       summary += ` — showing the first ${LIST_LIMIT} of each`;
     }
     $("problems-summary").textContent = summary;
+  }
+
+  function errorCell(job) {
+    // "KeyError: 'shipping_address'": the error type of the latest attempt, then its message.
+    const last = Array.isArray(job.errors) && job.errors.length ? job.errors[job.errors.length - 1] : null;
+    const type = last && last.error_type ? last.error_type : "";
+    const message = job.last_error || "";
+    const node = el("div", { class: "error", title: type && message ? `${type}: ${message}` : message || type });
+    if (type && !message.startsWith(type)) node.append(el("span", { class: "etype", text: type }), ": ");
+    node.append(message || (type ? "" : "–"));
+    return node;
   }
 
   function problemRow(job) {
@@ -313,7 +326,7 @@
         el("div", { class: "job-queue", text: `queue ${job.queue}` })),
       el("td", {}, el("span", { class: "pill", "data-state": job.state, text: job.state === "failed" ? "retrying" : job.state })),
       el("td", { class: "num", text: `${job.attempts} / ${job.max_attempts}` }),
-      el("td", {}, el("div", { class: "error", title: job.last_error || "", text: job.last_error || "–" })),
+      el("td", {}, errorCell(job)),
       el("td", {}, next),
       el("td", {}, actions));
   }
