@@ -60,32 +60,81 @@ def _reset_peak() -> bool:
         return False
 
 
-def measure(url: str, repeats: int) -> dict:
-    """Runs in the child process: alternate GROUP BY and payments(); figures as a dict."""
+class _ServerCpu:
+    """CPU seconds used by backends that have exited (the postmaster's reaped-children
+    time), when the server runs on this machine and /proc shows it; else None."""
+
+    def __init__(self, url: str):
+        self.stat = None
+        try:
+            with psycopg.connect(url) as conn:
+                backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+                with open(f"/proc/{backend}/stat") as f:  # while the backend lives
+                    postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
+            self.stat = f"/proc/{postmaster}/stat"
+            self.read()
+        except (OSError, ValueError, IndexError):
+            self.stat = None
+
+    def read(self) -> float | None:
+        if self.stat is None:
+            return None
+        time.sleep(0.2)  # let the postmaster reap the backends and parallel workers
+        with open(self.stat) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_self() -> float:
     import resource
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(url: str, repeats: int) -> dict:
+    """Runs in the child process: alternate GROUP BY and payments(); figures as a dict.
+
+    Besides wall time, the CPU seconds each side costs (server backends and parallel
+    workers; this process) where they can be read: on a shared machine they vary far
+    less than wall time, and on N cores the wall time cannot beat CPU / N.
+    """
+    import resource
+
+    server_cpu = _ServerCpu(url)
     group_by_times, payments_times, peaks = [], [], []
+    cpu = {"group_by_server": [], "payments_server": [], "payments_client": []}
     correct = True
-    with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(repeats):
+    for _ in range(repeats):
+        before = server_cpu.read()
+        with psycopg.connect(url, autocommit=True) as conn:  # closed: its CPU gets counted
             started = time.perf_counter()
             reference = conn.execute(GROUP_BY).fetchall()
             group_by_times.append(time.perf_counter() - started)
+        after = server_cpu.read()
+        if before is not None:
+            cpu["group_by_server"].append(after - before)
 
-            idle_kb = _status_kb("VmRSS")
-            reset = _reset_peak()
-            started = time.perf_counter()
-            result = aggregate.payments(url)
-            payments_times.append(time.perf_counter() - started)
-            peak_kb = _status_kb("VmHWM") if reset else None
-            if peak_kb is None or idle_kb is None:  # no /proc: lifetime peak, an upper bound
-                peak_kb, idle_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, idle_kb or 0
-            peaks.append(max(0, peak_kb - idle_kb) / 1024)
+        idle_kb = _status_kb("VmRSS")
+        reset = _reset_peak()
+        before, client = server_cpu.read(), _cpu_self()
+        started = time.perf_counter()
+        result = aggregate.payments(url)
+        payments_times.append(time.perf_counter() - started)
+        cpu["payments_client"].append(_cpu_self() - client)
+        peak_kb = _status_kb("VmHWM") if reset else None
+        after = server_cpu.read()
+        if before is not None:
+            cpu["payments_server"].append(after - before)
+        if peak_kb is None or idle_kb is None:  # no /proc: lifetime peak, an upper bound
+            peak_kb, idle_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, idle_kb or 0
+        peaks.append(max(0, peak_kb - idle_kb) / 1024)
 
-            correct &= result == [{"user_id": u, "total_payment": t} for u, t in sorted(reference)]
-            del result, reference
+        correct &= result == [{"user_id": u, "total_payment": t} for u, t in sorted(reference)]
+        del result, reference
     return {"group_by_s": min(group_by_times), "payments_s": min(payments_times),
             "group_by_all_s": group_by_times, "payments_all_s": payments_times,
+            "cpu_s": {k: (min(v) if v else None) for k, v in cpu.items()},
             "peak_rss_above_idle_mb": max(peaks), "correct": correct}
 
 
@@ -140,7 +189,15 @@ def run(url: str | None = None, sizes=DEFAULT_SIZES, repeats: int = 3, *,
 def _line(r: dict) -> str:
     return (f"{r['rows']:>11,} rows  GROUP BY {r['group_by_s']:7.3f} s  payments {r['payments_s']:7.3f} s"
             f"  ratio {r['ratio']:5.2f}  {r['rows_per_s'] / 1e6:6.2f} Mrows/s"
-            f"  peak +{r['peak_rss_above_idle_mb']:6.1f} MB  {'ok' if r['correct'] else 'WRONG'}")
+            f"  peak +{r['peak_rss_above_idle_mb']:6.1f} MB  {'ok' if r['correct'] else 'WRONG'}"
+            + _cpu_text(r.get("cpu_s") or {}))
+
+
+def _cpu_text(cpu: dict) -> str:
+    if cpu.get("group_by_server") is None or cpu.get("payments_server") is None:
+        return ""
+    return (f"  CPU s: GROUP BY {cpu['group_by_server']:.2f}, payments server"
+            f" {cpu['payments_server']:.2f} + client {cpu['payments_client']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
