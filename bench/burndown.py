@@ -54,6 +54,10 @@ def run_ours(url: str, n: int, count: int, concurrency: int, timeout: float,
                     raise RuntimeError(f"worker died:\n{proc.log()[-3000:]}")
             return unfinished(url) == 0
 
+        # CPU is counted once the workers are past their imports and start claiming
+        # (they log their configuration right before the first claim).
+        wait_for(lambda: all("concurrency=" in p.log() or not p.alive() for p in procs) or
+                 unfinished(url) == 0, 60, interval=0.01, what="the workers to start")
         cpu = CpuWindow({f"worker{i}": p.pid for i, p in enumerate(procs)}, url).start()
         with profiled(s, procs[0].pid, "burn-down-worker0") if s else nullcontext():
             wait_for(done, timeout, interval=0.2, what="the burn-down")
@@ -61,6 +65,7 @@ def run_ours(url: str, n: int, count: int, concurrency: int, timeout: float,
     figures = _summary(url, n)
     figures.update(enqueue_many_s=fill_s, workers=count, concurrency=concurrency,
                    cpu=cpu_figures)
+    _cpu_per_job(figures)
     return figures
 
 
@@ -68,9 +73,17 @@ def run_naive(url: str, n: int, count: int, slots: int, timeout: float) -> dict:
     _fill(url, n)
     procs = [Process([sys.executable, "-m", "bench.naive", "work", "--slots", str(slots)],
                      child_env(url), f"naive{i}") for i in range(count)]
+    cpu = CpuWindow({f"worker{i}": p.pid for i, p in enumerate(procs)}, url).start()
     try:
-        wait_for(lambda: all(not p.alive() for p in procs), timeout, interval=0.2,
-                 what="the naive burn-down")
+        def done() -> bool:
+            if all(not p.alive() for p in procs):
+                return True
+            # Read the children's CPU while they live (a reaped process has no /proc).
+            cpu_figures.update(cpu.stop())
+            return False
+
+        cpu_figures: dict = {}
+        wait_for(done, timeout, interval=0.2, what="the naive burn-down")
         for p in procs:
             if p.popen.returncode != 0:
                 raise RuntimeError(f"naive worker failed:\n{p.log()[-3000:]}")
@@ -78,8 +91,20 @@ def run_naive(url: str, n: int, count: int, slots: int, timeout: float) -> dict:
         for p in procs:
             p.cleanup()
     figures = _summary(url, n)
-    figures.update(workers=count, slots_per_worker=slots)
+    figures.update(workers=count, slots_per_worker=slots, cpu=cpu_figures)
+    _cpu_per_job(figures)
     return figures
+
+
+def _cpu_per_job(figures: dict) -> None:
+    """CPU (workers + PostgreSQL) per job: a figure much less sensitive than jobs/s to
+    what else runs on the machine."""
+    cpu = figures.get("cpu") or {}
+    ours = sum(v for k, v in cpu.items() if k.startswith("worker") and k.endswith("_cpu_s"))
+    if "postgres_cpu_s" in cpu and figures["succeeded"]:
+        figures["cpu_us_per_job"] = (ours + cpu["postgres_cpu_s"]) / figures["succeeded"] * 1e6
+    else:
+        figures["cpu_us_per_job"] = None
 
 
 def run(url: str, s: Settings) -> dict:
@@ -106,5 +131,9 @@ def run(url: str, s: Settings) -> dict:
             metric("naive jobs/s", naive["jobs_per_s"], "jobs/s"),
             metric("ratio to naive", ratio, "x", target=TARGET_RATIO, op=">="),
             metric("every job succeeded once", int(correct), "bool", target=1, op=">="),
+            metric("CPU per job, workers + PostgreSQL", ours["cpu_us_per_job"], "us"),
+            metric("naive CPU per job, workers + PostgreSQL", naive["cpu_us_per_job"], "us"),
+            metric("machine busy during ours (all processes)",
+                   (ours["cpu"].get("machine_busy_fraction") or 0) * 100, "%"),
         ],
     }

@@ -149,6 +149,7 @@ def scratch_database(base_url: str) -> Iterator[str]:
         migrate(url)
         yield url
     finally:
+        close_poll_connection(url)
         with psycopg.connect(base_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(name)))
@@ -175,9 +176,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1
         time.sleep(interval)
 
 
+_poll_conns: dict[str, psycopg.Connection] = {}
+
+
 def unfinished(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute(Q["unfinished_count"]).fetchone()[0]
+    """Jobs not finished yet (on one kept connection per database: polling must not
+    fork a backend per call)."""
+    conn = _poll_conns.get(url)
+    if conn is None or conn.closed:
+        conn = _poll_conns[url] = psycopg.connect(url, autocommit=True)
+    return conn.execute(Q["unfinished_count"]).fetchone()[0]
+
+
+def close_poll_connection(url: str) -> None:
+    conn = _poll_conns.pop(url, None)
+    if conn is not None:
+        conn.close()
 
 
 def raise_fd_limit() -> None:
