@@ -259,3 +259,10 @@ def test_dashboard_in_chromium(new_database, gunicorn, start_worker, browser):
         wait.until(lambda d: text("kpi-dead") == "0")
         assert text("kpi-queued") == "2"
         assert _severe(browser) == [], "console errors"
+
+    # A server without ADMIN_TOKEN: the admin API is off (404) and the page says so.
+    off = gunicorn(url)
+    browser.get(off.url("/dashboard"))
+    wait.until(lambda d: shown("notice") and "Admin API disabled" in text("notice"))
+    assert "ADMIN_TOKEN" in text("notice")
+    assert not shown("content") and not shown("login")
