@@ -130,8 +130,11 @@ class PaymentsReportJob:
         finally:
             metrics.LONGPOLL_WAITERS.dec()
             self.hub.discard(job_id, future)
-            if disconnect is not None and not disconnect.done():
-                disconnect.cancel()
+            if disconnect is not None:
+                if not disconnect.done():
+                    disconnect.cancel()
+                elif not disconnect.cancelled() and disconnect.exception() is not None:
+                    log.debug("long-poll of job %d: receive failed: %r", job_id, disconnect.exception())
 
 
 # --- OpenAPI -------------------------------------------------------------------------
