@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -174,16 +175,21 @@ def _round(url: str, api, pid: int | None, n: int, s: Settings, how: str) -> dic
 
             probe = Listener(url, [queue.DONE_CHANNEL], on_done, name="bench-probe").start()
             probe.wait_connected(30)
-            cpu = CpuWindow({"api": pid, "client": proc.pid}, url).start()
             with profiled(s, pid, f"long-poll-api-{how}"):
                 if how == "workers":
                     with workers(url, s.workers, s.concurrency, "--poll-interval", "1",
-                                 wait_listening=False):
+                                 wait_listening=False) as procs:
+                        pids = {"api": pid, "client": proc.pid}
+                        pids.update({f"worker{i}": p.pid for i, p in enumerate(procs)})
+                        cpu = CpuWindow(pids, url).start()
                         proc.wait(timeout=WAIT + 60)
+                        cpu_figures = cpu.stop()
                 else:
+                    cpu = CpuWindow({"api": pid, "client": proc.pid, "bench": os.getpid()},
+                                    url).start()
                     complete_directly(url, n, rate=s.size(1000, 600))
                     proc.wait(timeout=WAIT + 60)
-            cpu_figures = cpu.stop()
+                    cpu_figures = cpu.stop()
             probe.stop()
         finally:
             if proc.poll() is None:
