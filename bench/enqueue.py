@@ -91,7 +91,8 @@ def run(url: str, s: Settings) -> dict:
     n = s.size(100_000, 5_000)
     repeats = s.size(3, 1)
     writers = 16
-    seconds = s.size(5, 1)
+    seconds = s.size(4, 1)
+    rounds = s.size(3, 1)
     times = bulk(url, n, repeats)
     bulk_rate = n / min(times)
     s.log(f"  enqueue_many: {bulk_rate:,.0f} jobs/s (best of {repeats})")
@@ -103,7 +104,7 @@ def run(url: str, s: Settings) -> dict:
         conn.execute(Q["debounce_design_create"])
     rates: dict[str, list[float]] = {d: [] for d in DESIGNS}
     try:
-        for _ in range(s.size(2, 1)):
+        for _ in range(rounds):
             for design in DESIGNS:
                 reset_jobs(url)
                 with psycopg.connect(url, autocommit=True) as conn:
@@ -120,7 +121,7 @@ def run(url: str, s: Settings) -> dict:
     return {
         "scenario": "bulk enqueue",
         "method": (f"enqueue_many of {n:,} jobs, call to commit, best of {repeats}; "
-                   f"{writers} writer processes x {seconds} s of enqueue()+COMMIT per job, "
+                   f"{writers} writer processes x {seconds} s of enqueue()+COMMIT per job, {rounds} rounds, "
                    "against a per-row NOTIFY trigger copy of the table, a no-notify insert and a "
                    "debounced-NOTIFY proposal (interleaved, best of each)"),
         "enqueue_many_s": times,
