@@ -167,7 +167,7 @@ def run(url: str | None = None, sizes=DEFAULT_SIZES, repeats: int = 3, *,
     largest = max(results, key=lambda r: r["rows"]) if results else None
     return {
         "scenario": "aggregation",
-        "method": "binary COPY of SELECT user_id, total FROM orders over parallel connections "
+        "method": "text COPY of SELECT user_id, total FROM orders over parallel connections "
                   "(ctid ranges, one exported snapshot), numpy bulk parsing, int64 sums",
         "parallelism": aggregate.default_parallelism(),
         "batch_rows": aggregate.BATCH_ROWS,

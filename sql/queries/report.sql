@@ -5,14 +5,11 @@
 -- name: orders
 SELECT user_id, total FROM orders
 
--- name: copy_orders_binary
-COPY (SELECT user_id, total FROM orders) TO STDOUT (FORMAT BINARY)
-
 -- name: payments_rows
 SELECT user_id, total FROM orders
 
 -- name: payments_lock
--- The aggregation (jobrunner/aggregate.py) reads payments_rows as binary COPY, split
+-- The aggregation (jobrunner/aggregate.py) reads payments_rows as text COPY, split
 -- into block (ctid) ranges (payments_rows_range) read in parallel on several
 -- connections that share one exported REPEATABLE READ snapshot.
 -- Held to the end of the read: no TRUNCATE / VACUUM FULL rewrites the table meanwhile.

@@ -69,6 +69,17 @@ def test_ids_across_the_int4_range_and_big_totals(conn, db_url):
     assert max(r["total_payment"] for r in want) > 2**31
 
 
+def test_negative_user_ids(conn, db_url):
+    """user_id has no CHECK: negative ids, down to the int4 minimum, are summed too."""
+    insert_random(conn, 20_000, max_user=50, max_total=1000, seed=0.3)
+    conn.execute("UPDATE orders SET user_id = -user_id WHERE id % 3 = 0")
+    conn.execute("INSERT INTO orders (user_id, total) VALUES"
+                 " (-2147483648, 2147483647), (-2147483648, 0), (-1, 0), (2147483647, 1)")
+    want = check(conn, db_url, [1, 3])
+    assert want[0] == {"user_id": -2**31, "total_payment": 2**31 - 1}
+    assert sum(r["user_id"] < 0 for r in want) > 40
+
+
 def test_users_whose_orders_total_zero_are_listed(conn, db_url):
     conn.execute("INSERT INTO orders (user_id, total) VALUES (1, 0), (1, 0), (2, 5), (3, 0)")
     assert check(conn, db_url) == [{"user_id": 1, "total_payment": 0},
@@ -158,8 +169,11 @@ def test_asyncpg_kwargs_connect_to_the_test_database(db_url):
 @pytest.mark.parametrize("query", [
     "SELECT NULL::int AS user_id, 1 AS total FROM generate_series(1, 9)",
     "SELECT g AS user_id, NULLIF(g % 3, 0) AS total FROM generate_series(1, 100) g",
-    "SELECT 1::int AS user_id, 2::bigint AS total",
+    "SELECT 1::int AS user_id, 2147483648::bigint AS total",
     "SELECT 1::int AS user_id, 2::int AS total, 3::int AS extra",
+    "SELECT 1::int AS user_id",
+    "SELECT 1::int AS user_id, 2.5::numeric AS total",
+    "SELECT 1::int AS user_id, 'x'::text AS total",
 ])
 def test_copy_of_other_shapes_is_refused(db_url, query):
     async def copy():
