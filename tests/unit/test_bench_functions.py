@@ -1,4 +1,4 @@
-"""The benchmark harness's pure helpers: percentiles, targets, wrk's output, the table.
+"""The benchmark harness's pure functions: percentiles, targets, wrk's output, the table.
 
 (The harness itself runs end to end in CI as `make bench QUICK=1`.)
 """
