@@ -354,14 +354,35 @@ class Failure:
     retry_in: float = 0.0        # seconds until the next attempt (if any is left)
 
 
+# Caps of the error texts stored per attempt (characters; the tail of a traceback is kept).
+ERROR_TYPE_MAX, MESSAGE_MAX, TRACEBACK_MAX = 200, 4096, 16384
+
+
+def clean_text(value: Any, limit: int, *, keep_tail: bool = False) -> str | None:
+    """Text the database can store: NUL (refused by text and jsonb) becomes U+FFFD,
+    unpaired surrogates become '?', and it is cut to `limit` characters."""
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(text) > limit:
+        marker = "...[truncated]..."
+        keep = max(0, limit - len(marker))
+        text = marker + text[-keep:] if keep_tail else text[:keep] + marker
+    return text
+
+
 def fail(conn: psycopg.Connection, worker_id: str, items: Sequence[Failure]) -> dict[int, str]:
     """Record failed attempts; returns {id: new state} ('failed', 'dead' or 'cancelled')
-    for the jobs this worker still held."""
+    for the jobs this worker still held. Every error text is cleaned (clean_text) here,
+    the one place failures are written from."""
     if not items:
         return {}
     payload = json.dumps([{
         "id": f.id, "attempts": f.attempts, "permanent": f.permanent, "retry_in": f.retry_in,
-        "error_type": f.error_type, "message": f.message, "traceback": f.traceback,
+        "error_type": clean_text(f.error_type, ERROR_TYPE_MAX),
+        "message": clean_text(f.message, MESSAGE_MAX),
+        "traceback": clean_text(f.traceback, TRACEBACK_MAX, keep_tail=True),
     } for f in items], separators=(",", ":"))
     rows = conn.execute(_Q["fail"], {"items": payload, "worker_id": worker_id}).fetchall()
     return {row[0]: row[1] for row in rows}

@@ -452,7 +452,15 @@ class Worker:
                             job.id, job.attempts, "ResultNotStorable",
                             f"the result could not be stored: {exc}", None, permanent=True))]
                         continue
-                    log.error("worker: cannot write outcome of job %d: %s", job.id, exc)
+                    # Stop heartbeating it: its lease expires and the job is rescued
+                    # (retried or marked dead) instead of staying running for ever.
+                    with self._lock:
+                        if self._held.get(job.id) == job.attempts:
+                            del self._held[job.id]
+                    self._wake.set()
+                    self.stats["write_failed"] += 1
+                    log.error("worker: cannot write outcome of job %d: %s; its lease will "
+                              "expire", job.id, exc)
                     return
                 for item in batch:
                     self._write(conn, [item])

@@ -42,6 +42,17 @@ def _record_order(tag: str) -> dict:
     return {"tag": tag, "attempt": current_job().attempt}
 
 
+@task("tests.nul_error", max_attempts=1)
+def _nul_error() -> None:
+    raise RuntimeError("bad \x00 byte" + "x" * 10_000)
+
+
+# retry_in of 1e308 s is beyond PostgreSQL's interval range: the database refuses the outcome.
+@task("tests.unwritable_retry", max_attempts=2, backoff=(1e308, 1e308))
+def _unwritable_retry() -> None:
+    raise RuntimeError("retry me in a geological age")
+
+
 @pytest.fixture
 def run_worker(db_url):
     workers: list[tuple[Worker, threading.Thread]] = []
@@ -286,3 +297,30 @@ def test_heartbeats_keep_a_long_job_from_being_taken_over(conn, run_worker):
     done = final(conn, job.id)
     assert done.state == "succeeded" and done.attempts == 1 and done.errors == []
     assert done.heartbeat_at > done.started_at      # heartbeats extended the lease
+
+
+def test_error_text_with_nul_is_stored_cleaned_and_the_batch_completes(conn, run_worker):
+    with conn.transaction():   # one transaction: claimed together, finished in one batch
+        bad = queue.enqueue("tests.nul_error", conn=conn)
+        good = queue.enqueue("tests.value_check", {"n": 2}, conn=conn)
+    run_worker()
+    dead = final(conn, bad.id)
+    assert dead.state == "dead" and dead.attempts == 1
+    assert "\x00" not in dead.last_error
+    assert dead.last_error.startswith("bad \ufffd byte")
+    assert len(dead.last_error) <= queue.MESSAGE_MAX
+    error = dead.errors[0]
+    assert error["error_type"] == "RuntimeError" and error["message"] == dead.last_error
+    assert "\x00" not in error["traceback"] and len(error["traceback"]) <= queue.TRACEBACK_MAX
+    assert final(conn, good.id).state == "succeeded"
+
+
+def test_outcome_the_database_refuses_is_dropped_and_the_lease_rescues_the_job(conn, run_worker):
+    worker = run_worker(lease=1.0, poll_interval=0.1)
+    job = queue.enqueue("tests.unwritable_retry", conn=conn)
+    # Attempt 1's outcome cannot be written: the worker stops heartbeating the job, its lease
+    # expires, and attempt 2 (the last, so no retry delay) is written: dead.
+    dead = final(conn, job.id)
+    assert dead.state == "dead" and dead.attempts == 2, dead
+    assert worker.stats["write_failed"] == 1
+    wait_until(lambda: not worker._held, what="nothing held")
