@@ -4,6 +4,7 @@ Every value can be overridden on the command line; the environment variables are
 documented in README.md (Configuration).
 """
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +40,12 @@ def on_exit(server):
     if _metrics_dir_owned:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
+
+# Every waiting long-poll client holds a socket: lift the soft open-file limit to the hard
+# one (a common soft default of 1024 would cap a process far below 5,000 waiters).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _hard == resource.RLIM_INFINITY or _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard if _hard != resource.RLIM_INFINITY else max(_soft, 65536), _hard))
 
 bind = f"{_env('HOST', '127.0.0.1')}:{_env('PORT', '8000')}"
 workers = int(_env("WEB_CONCURRENCY", "1"))

@@ -135,6 +135,8 @@ class Database:
         try:
             yield conn
         except psycopg.OperationalError as exc:
-            raise errors.DatabaseUnavailable(f"the database connection failed: {exc}") from exc
+            # The server's own words go to the log, not to the client.
+            log.warning("database connection failed: %s", exc)
+            raise errors.DatabaseUnavailable("the database connection failed") from exc
         finally:
             await pool.putconn(conn)

