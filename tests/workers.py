@@ -15,6 +15,12 @@ import pytest
 from jobrunner import config
 
 
+def count_jobs(conn, state: str | None = None) -> int:
+    """Number of jobs in `state` (every job when None)."""
+    return conn.execute("SELECT count(*) FROM jobs WHERE %(state)s::text IS NULL OR state = %(state)s",
+                        {"state": state}).fetchone()[0]
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
                what: str = "condition"):
     deadline = time.monotonic() + timeout

@@ -9,19 +9,15 @@ import sys
 import pytest
 
 from jobrunner import config, queue
-from tests.workers import start_worker, wait_until  # noqa: F401 - start_worker is a fixture
+from tests.workers import count_jobs, start_worker, wait_until  # noqa: F401 - start_worker is a fixture
 
 pytestmark = pytest.mark.e2e
-
-
-def count(conn, where: str = "TRUE") -> int:
-    return conn.execute(f"SELECT count(*) FROM jobs WHERE {where}").fetchone()[0]
 
 
 def test_10k_noop_jobs_on_4_workers_each_succeed_exactly_once(conn, start_worker):
     ids = queue.enqueue_many("jobrunner.noop", [{"i": i} for i in range(10_000)], conn=conn)
     workers = [start_worker("--concurrency", "4", "--poll-interval", "0.5") for _ in range(4)]
-    wait_until(lambda: count(conn, "state = 'succeeded'") == 10_000, timeout=120,
+    wait_until(lambda: count_jobs(conn, "succeeded") == 10_000, timeout=120,
                interval=0.2, what="10,000 jobs to succeed")
     rows = conn.execute("SELECT count(*), count(DISTINCT job_id), min(attempts), max(attempts) "
                         "FROM results").fetchone()
@@ -33,9 +29,11 @@ def test_10k_noop_jobs_on_4_workers_each_succeed_exactly_once(conn, start_worker
     for w in workers:
         w.signal(signal.SIGTERM)
     assert [w.wait(30) for w in workers] == [0, 0, 0, 0]
-    # every worker process took part
-    used = {row[0].rsplit(":", 1)[0] for row in conn.execute("SELECT DISTINCT worker_id FROM jobs")}
-    assert len(used) >= 2
+    # Every job was run by one of these workers. (Not necessarily by all of them: on a busy
+    # machine the first worker up can drain the queue before the others claim anything.)
+    prefixes = tuple(w.id_prefix for w in workers)
+    holders = [row[0] for row in conn.execute("SELECT DISTINCT worker_id FROM jobs")]
+    assert holders and all(h.startswith(prefixes) for h in holders), holders
 
 
 def test_notified_enqueue_is_picked_up_well_before_the_poll_interval(conn, start_worker):
@@ -69,7 +67,7 @@ def test_cli_enqueue_and_prune(db_url, conn):
                  "WHERE kind = 'jobrunner.noop'")
     pruned = cli("prune", "--older-than", "7d")
     assert pruned.returncode == 0 and "pruned 25" in pruned.stdout
-    assert count(conn) == 1
+    assert count_jobs(conn) == 1
     assert cli("prune", "--older-than", "soon").returncode == 2
     env["DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
     down = cli("enqueue", "jobrunner.noop")
