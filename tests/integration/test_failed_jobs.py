@@ -9,6 +9,7 @@ import psycopg
 import psycopg.errors
 import pytest
 from psycopg.rows import dict_row
+from psycopg.sql import SQL, Identifier
 
 from jobrunner import admin, errors, queue
 
@@ -36,7 +37,7 @@ def rows(conn, sql, params=()):
 def notifications(url, channel):
     """A listening connection; call .drain() for what arrived."""
     listener = psycopg.connect(url, autocommit=True)
-    listener.execute(f"LISTEN {channel}")
+    listener.execute(SQL("LISTEN {}").format(Identifier(channel)))
 
     def drain():
         return [n.payload for n in listener.notifies(timeout=0.5)]
