@@ -13,6 +13,8 @@ Every error answers `{"title": ..., "description": ..., "code": ...}`: `title` a
 - Database driver errors meaning "cannot reach the database" (psycopg, the pool,
   asyncpg): 503 `database_unavailable` with `Retry-After`; a missing table: 503
   `database_not_migrated`.
+- A value the database refuses (psycopg/asyncpg DataError, SQLSTATE class 22): 400
+  `invalid_input`, a safety net behind the input checks.
 - Anything else: 500 `internal_error`, the traceback logged (never sent) with the
   request id.
 
@@ -62,6 +64,12 @@ SQL_FUNCTION_ERRORS: dict[type[BaseException], tuple[int, str]] = {
     psycopg.errors.NoDataFound: (404, errors.JobNotFound.code),           # P0002: no such job
     psycopg.errors.ObjectNotInPrerequisiteState: (409, errors.Conflict.code),  # 55000: wrong state
 }
+# A value the database refuses (NUL in text, out-of-range number or date, bad JSON text):
+# the request's input, since everything stored comes from one.
+BAD_DATA: tuple[type[BaseException], ...] = (
+    psycopg.DataError,
+    asyncpg.exceptions.DataError,
+)
 NOT_MIGRATED: tuple[type[BaseException], ...] = (
     psycopg.errors.UndefinedTable,
     asyncpg.exceptions.UndefinedTableError,
@@ -127,6 +135,10 @@ def describe(req: falcon.Request, ex: BaseException) -> tuple[int, dict, dict[st
             diag = getattr(ex, "diag", None)
             message = (diag.message_primary if diag is not None else None) or _phrase(status) + "."
             return status, {"title": status_line(status), "description": message, "code": code}, {}
+    if isinstance(ex, BAD_DATA):
+        return 400, {"title": status_line(400),
+                     "description": "The database refused a value of the request as invalid.",
+                     "code": errors.InvalidInput.code}, {}
     if isinstance(ex, NOT_MIGRATED):
         return 503, {"title": status_line(503),
                      "description": "The database schema is not migrated yet.",

@@ -83,6 +83,8 @@ def check_name(value: str | None, what: str) -> str | None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= 200:
         raise errors.InvalidInput(f"{what} must be 1 to 200 characters")
+    if queue.has_control_chars(value):
+        raise errors.InvalidInput(f"{what} must not contain NUL or other control characters")
     return value
 
 

@@ -38,16 +38,21 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(kind):
+def _positive(kind, maximum: float | None = None):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
+        if not value > 0:   # also NaN
             raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        if maximum is not None and not value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}: {text!r}")
         return value
     return parse
+
+
+MAX_ENQUEUE_COUNT = 10_000_000
 
 
 def _setup_logging() -> None:
@@ -180,7 +185,8 @@ def register_enqueue(sub) -> None:
     p = sub.add_parser("enqueue", help="enqueue jobs of one kind")
     p.add_argument("kind", help="task name, e.g. jobrunner.noop")
     p.add_argument("--args", default="{}", help="JSON args of each job (default {})")
-    p.add_argument("--count", type=_positive(int), default=1, help="how many (bulk insert)")
+    p.add_argument("--count", type=_positive(int, MAX_ENQUEUE_COUNT), default=1,
+                   help=f"how many (bulk insert; at most {MAX_ENQUEUE_COUNT:,})")
     p.add_argument("--queue", default="default")
     p.add_argument("--priority", type=int, default=0, help="lower runs first")
     p.add_argument("--delay", type=_duration, help="run no earlier than this from now")
@@ -232,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except errors.InvalidInput as exc:
         print(f"jobrunner: error: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.DataError as exc:
+        # A value the database refuses (the input checks should have caught it first).
+        print(f"jobrunner: error: invalid input: {str(exc).strip().splitlines()[0]}",
+              file=sys.stderr)
         return 2
     except errors.JobrunnerError as exc:
         print(f"jobrunner: error: {exc}", file=sys.stderr)

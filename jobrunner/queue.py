@@ -10,6 +10,7 @@ The SQL lives in sql/queries/queue.sql.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -149,19 +150,37 @@ _Q = queries("queue")
 
 # --- validation ------------------------------------------------------------------------
 
+MAX_SECONDS = 100 * 366 * 86400  # about 100 years: the longest delay or age accepted
+
+
 def _seconds(value: float | int | timedelta | None, what: str) -> float:
     if value is None:
         return 0.0
     if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise errors.InvalidInput(f"{what} must be a number of seconds or a timedelta")
-    return float(value)
+    else:
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    if not math.isfinite(seconds) or abs(seconds) > MAX_SECONDS:
+        raise errors.InvalidInput(f"{what} must be a finite number of seconds, "
+                                  f"at most {MAX_SECONDS} (about 100 years)")
+    return seconds
+
+
+def has_control_chars(value: str) -> bool:
+    """NUL (which PostgreSQL cannot store) or another control character."""
+    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value)
 
 
 def _check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= 200:
         raise errors.InvalidInput(f"{what} must be a non-empty string of at most 200 characters")
+    if has_control_chars(value):
+        raise errors.InvalidInput(f"{what} must not contain NUL or other control characters")
     return value
 
 
@@ -196,11 +215,30 @@ def _check_run_at(run_at: datetime | None) -> datetime | None:
     return run_at
 
 
-def _dumps_args(args: Any) -> Any:
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _args_json(args: Any, **dumps: Any) -> str:
+    """JSON text of args that PostgreSQL's jsonb accepts: no NaN/Infinity (not JSON) and
+    no NUL character in a string (jsonb cannot store \\u0000); InvalidInput otherwise."""
     try:
-        json.dumps(args)
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(args, allow_nan=False, **dumps)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise errors.InvalidInput(f"args must be JSON-serialisable: {exc}") from None
+    if "\\u0000" in text and _has_nul(args):   # the cheap test first, then the exact one
+        raise errors.InvalidInput("args must not contain the NUL character (\\u0000)")
+    return text
+
+
+def _dumps_args(args: Any) -> Any:
+    _args_json(args)
     return args
 
 
@@ -261,10 +299,7 @@ def enqueue_many(kind: str, args_list: Iterable[Any], *, queue: str = DEFAULT_QU
     items = [{} if a is None else a for a in args_list]
     if not items:
         return []
-    try:
-        payload = json.dumps(items, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise errors.InvalidInput(f"args must be JSON-serialisable: {exc}") from None
+    payload = _args_json(items, separators=(",", ":"))
     delay_s = _seconds(delay, "delay")
     params = {
         "queue": queue, "kind": kind, "args": payload, "priority": priority,

@@ -96,8 +96,8 @@ def parse_duration(text: str) -> float:
         seconds = float(value) * unit
     except ValueError:
         raise ValueError(f"not a duration: {text!r} (use e.g. 45s, 30m, 12h, 7d)") from None
-    if seconds < 0 or seconds != seconds:
-        raise ValueError(f"not a duration: {text!r}")
+    if not 0 <= seconds <= queue.MAX_SECONDS:   # also NaN and infinity
+        raise ValueError(f"not a duration: {text!r} (at most about 100 years)")
     return seconds
 
 

@@ -284,7 +284,8 @@ def test_admin_and_api_tokens(db_url, conn, gunicorn):
         assert resp.status_code == 200 and [j["id"] for j in resp.json()["data"]] == [job.id]
         # bad parameters: 400
         for query in ("limit=0", "limit=501", "limit=x", "after=-1", "state=bogus", "status=dead",
-                      "limit=1&limit=2", "after=99999999999999999999"):
+                      "limit=1&limit=2", "after=99999999999999999999", "queue=%00",
+                      "kind=%00abc", "queue=a%0Ab", "kind=" + "k" * 201):
             resp = http.request("GET", f"/api/admin/jobs?{query}", ADMIN_TOKEN)
             assert resp.status_code == 400, query
             assert resp.json()["code"] == "invalid_input"

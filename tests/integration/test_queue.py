@@ -37,12 +37,53 @@ def test_get_unknown_job_raises(conn):
     {"kind": ""}, {"kind": 5}, {"queue": ""}, {"priority": "high"}, {"priority": True},
     {"max_attempts": 0}, {"delay": "soon"}, {"run_at": datetime(2030, 1, 1)},
     {"args": {"x": object()}}, {"delay": 1, "run_at": datetime.now(timezone.utc)},
+    # values PostgreSQL would refuse (DataError) are refused before they reach it
+    {"kind": "a\x00b"}, {"queue": "\x00"}, {"queue": "a\nb"}, {"dedupe_key": "k\x00"},
+    {"args": [float("nan")]}, {"args": {"x": float("inf")}}, {"args": {"a": "\x00"}},
+    {"args": {"\x00": 1}}, {"args": [["deep \x00"]]}, {"delay": 1e300},
+    {"delay": float("inf")}, {"delay": float("nan")}, {"delay": 10**400},
+    {"delay": timedelta(days=999_999_999)},
 ])
 def test_enqueue_rejects_bad_input(conn, kwargs):
     params = {"kind": "jobrunner.noop", **kwargs}
     kind = params.pop("kind")
     with pytest.raises(errors.InvalidInput):
         queue.enqueue(kind, conn=conn, **params)
+    if set(params) <= {"args", "delay", "queue"}:
+        many = {k: v for k, v in params.items() if k != "args"}
+        with pytest.raises(errors.InvalidInput):
+            queue.enqueue_many(kind, [{}, params.get("args")], conn=conn, **many)
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+def test_args_with_an_escaped_backslash_u0000_text_are_fine(conn):
+    job = queue.enqueue("jobrunner.noop", {"a": "\\u0000"}, conn=conn)
+    assert queue.get(job.id, conn=conn).args == {"a": "\\u0000"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["enqueue", "jobrunner.noop", "--args", "[NaN]"],
+    ["enqueue", "jobrunner.noop", "--args", '{"a": "\\u0000"}'],
+    ["enqueue", "jobrunner.noop", "--args", '{"a": "\\u0000"}', "--count", "2"],
+    ["enqueue", "jobrunner.noop", "--count", "99999999999999999999"],
+    ["enqueue", "jobrunner.noop", "--delay", "1e300"],
+    ["enqueue", "jobrunner.noop", "--priority", "99999999999"],
+    ["enqueue", "jobrunner.noop", "--queue", "a\x01b"],
+    ["prune", "--older-than", "99999999999999d"],
+    ["prune", "--older-than", "1e400d"],
+])
+def test_cli_bad_input_exits_2_with_one_line(db_url, conn, monkeypatch, capsys, argv):
+    from jobrunner import cli
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:    # argparse rejects it
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err.splitlines()[-1]
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_enqueue_joins_the_callers_transaction(db_url):

@@ -60,6 +60,18 @@ def test_unreachable_database_is_503_with_retry_after(req, ex):
     assert int(headers["Retry-After"]) > 0
 
 
+@pytest.mark.parametrize("ex", [
+    psycopg.errors.UntranslatableCharacter("unsupported Unicode escape sequence"),
+    psycopg.errors.DatetimeFieldOverflow("interval out of range"),
+    psycopg.errors.NumericValueOutOfRange("integer out of range"),
+    asyncpg.exceptions.CharacterNotInRepertoireError("invalid byte sequence"),
+])
+def test_value_the_database_refuses_is_400_invalid_input(req, ex):
+    status, body, headers = api_errors.describe(req, ex)
+    assert (status, body["code"], headers) == (400, "invalid_input", {})
+    assert str(ex) not in body["description"]
+
+
 @pytest.mark.parametrize("ex", [psycopg.errors.UndefinedTable("no orders"),
                                 asyncpg.exceptions.UndefinedTableError("no orders")])
 def test_missing_table_is_503_not_migrated(req, ex):
