@@ -137,12 +137,31 @@ def machine(url: str, where: str) -> dict[str, Any]:
 
 # --- the scratch database -----------------------------------------------------------------
 
+_HOST_TAG = uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname()).hex[:6]
+
+
+def _drop_stale(conn: psycopg.Connection) -> list[str]:
+    """Drop scratch databases left behind by bench runs of this machine whose process is
+    gone (a run killed, or the server stopped under it): bench_<host>_<pid>_<random>."""
+    dropped = []
+    for (name,) in conn.execute(Q["scratch_databases"]).fetchall():
+        parts = name.split("_")
+        if len(parts) != 4 or parts[1] != _HOST_TAG or not parts[2].isdigit():
+            continue
+        if Path(f"/proc/{parts[2]}").exists():
+            continue  # that run is still going
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        dropped.append(name)
+    return dropped
+
+
 @contextmanager
 def scratch_database(base_url: str) -> Iterator[str]:
     """A fresh, migrated database on the server of `base_url`, dropped afterwards: the
     benchmarks never touch the data of the database in use."""
-    name = f"bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"bench_{_HOST_TAG}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(base_url, autocommit=True) as conn:
+        _drop_stale(conn)
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_conninfo(base_url, dbname=name)
     try:

@@ -8,6 +8,9 @@ WHERE name IN ('server_version', 'fsync', 'synchronous_commit', 'full_page_write
                'max_connections', 'wal_level', 'max_wal_size')
 ORDER BY name
 
+-- name: scratch_databases
+SELECT datname FROM pg_database WHERE datname LIKE 'bench\_%%' ORDER BY datname
+
 -- name: reset_jobs
 TRUNCATE jobs, results RESTART IDENTITY CASCADE
 
