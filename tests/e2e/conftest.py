@@ -120,6 +120,9 @@ def gunicorn(tmp_path):
             "PORT": str(port),
             "WEB_CONCURRENCY": "1",
             "PYTHONUNBUFFERED": "1",
+            # The metrics files live in this test's directory: a server killed in teardown
+            # (no on_exit) leaves nothing behind in the system's temp dir.
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
         })
         environment.update(env or {})
         log_path = tmp_path / f"gunicorn-{port}.log"
