@@ -33,6 +33,7 @@ SUMMARY_USERS = 20
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 WINDOW = timedelta(days=365)
 INT32_MAX = 2**31 - 1
+MAX_COUNT = 100_000_000  # "up to tens of millions" of orders, with room to spare
 
 
 class UsageError(Exception):
@@ -61,8 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=_int, help="seed for the random generators (same seed, same data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.count is not None and args.count < 0:
-        raise UsageError(f"--count must be >= 0, got {args.count}")
+    if args.count is not None and not 0 <= args.count <= MAX_COUNT:
+        raise UsageError(f"--count must be from 0 to {MAX_COUNT:,}, got {args.count}")
     if args.users < 1 or args.users > INT32_MAX:
         raise UsageError(f"--users must be from 1 to {INT32_MAX}, got {args.users}")
     if args.min_total < 0 or args.max_total > INT32_MAX:

@@ -86,6 +86,8 @@ def test_bulk_path_copies_binary_rows(use_db, monkeypatch):
 @pytest.mark.parametrize("args", [
     ["--count", "-1"],
     ["--count", "abc"],
+    ["--count", "100_000_001"],
+    ["--count", "99999999999999999999"],
     ["--users", "0"],
     ["--min-total", "10", "--max-total", "5"],
     ["--min-total", "x"],
