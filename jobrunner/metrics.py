@@ -105,7 +105,7 @@ API_REQUEST_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 
-# --- recording helpers (keep the call sites one line long) ---------------------------------
+# --- recording functions (keep the call sites one line long) -------------------------------
 
 def observe_claim(queue: str, claimed: Sequence[Any]) -> None:
     """A claim statement returned `claimed` (objects with `.waited`, seconds since due)."""

@@ -52,7 +52,7 @@
   // admin token is sent (harmless when the report API is open).
   const reportToken = () => sessionStorage.getItem(API_TOKEN_KEY) || sessionStorage.getItem(TOKEN_KEY);
 
-  // --- small helpers --------------------------------------------------------------------
+  // --- DOM and formatting utilities -----------------------------------------------------
 
   function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
