@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 
 from . import config, db
+from .sqlfile import queries
 
 _FILE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # Any stable 64-bit number; it only has to be unique among this database's advisory locks.
@@ -42,10 +43,10 @@ def available(sql_dir: Path | None = None) -> list[Migration]:
 
 
 def applied(conn: psycopg.Connection) -> set[int]:
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
-    if not exists:
+    q = queries("migrate")
+    if not conn.execute(q["migrations_table_exists"]).fetchone()[0]:
         return set()
-    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    return {row[0] for row in conn.execute(q["applied_versions"])}
 
 
 def pending(conn: psycopg.Connection) -> list[Migration]:
@@ -55,28 +56,22 @@ def pending(conn: psycopg.Connection) -> list[Migration]:
 
 def migrate(url: str | None = None, *, verbose: bool = False) -> list[Migration]:
     """Apply every pending migration; return those this call applied."""
+    q = queries("migrate")
     done: list[Migration] = []
     with psycopg.connect(url or db.database_url(), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        conn.execute(q["lock"], {"key": LOCK_KEY})
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version integer PRIMARY KEY,"
-                " name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            conn.execute(q["create_migrations_table"])
             for migration in pending(conn):
                 with conn.transaction():
                     conn.execute(migration.sql())
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                        (migration.version, migration.name),
-                    )
+                    conn.execute(q["record"], {"version": migration.version,
+                                               "name": migration.name})
                 done.append(migration)
                 if verbose:
                     print(f"applied {migration.path.name}")
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+            conn.execute(q["unlock"], {"key": LOCK_KEY})
     if verbose and not done:
         print("migrations: nothing to apply")
     return done
