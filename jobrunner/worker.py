@@ -277,7 +277,11 @@ class Worker:
         return timeout
 
     def _dispatch(self, job: queue.Claimed) -> bool:
-        """Start a claimed job; True if it ran inline (or failed before it ran)."""
+        """Start a claimed job; True if it ran inline (or failed before it ran).
+
+        A job that needs a slot when none is free (a big batch claimed after inline-only
+        ones may hold slow jobs too) is given back at once, the attempt not counted, so
+        it waits in the queue where an idle worker can take it rather than here."""
         ctx = tasks.JobContext(job.id, job.kind, job.queue, job.args, job.attempts,
                                job.max_attempts, self.worker_id, self.url)
         if job.cancel_requested:
@@ -290,11 +294,21 @@ class Worker:
                 job.id, job.attempts, "PermanentFailure", str(exc), None, permanent=True)))
             return True
         entry = _Entry(job, task, ctx, bound)
-        with self._lock:
-            self._running[job.id] = entry
         if task.inline and task.timeout is None:
+            with self._lock:
+                self._running[job.id] = entry
             self._execute(entry)
             return True
+        with self._lock:
+            # Inline entries leave _running before _execute returns: the entries here
+            # are the slots' (waiting or executing).
+            surplus = len(self._running) >= self.cfg.concurrency
+            if not surplus:
+                self._running[job.id] = entry
+        if surplus:
+            self.stats["surplus_released"] += 1
+            self._outcomes.put(("released", job, None))
+            return False
         self._todo.put(entry)
         return False
 

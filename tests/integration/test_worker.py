@@ -324,3 +324,23 @@ def test_outcome_the_database_refuses_is_dropped_and_the_lease_rescues_the_job(c
     assert dead.state == "dead" and dead.attempts == 2, dead
     assert worker.stats["write_failed"] == 1
     wait_until(lambda: not worker._held, what="nothing held")
+
+
+def test_slow_jobs_claimed_with_a_big_inline_batch_are_given_back_to_other_workers(conn, run_worker):
+    with conn.transaction():
+        noops = queue.enqueue_many("jobrunner.noop", [{}] * 50, conn=conn)
+        sleeps = queue.enqueue_many("jobrunner.sleep", [{"seconds": 0.3}] * 20, conn=conn)
+    # A's first claims are all no-ops (inline), so it claims a big batch holding the sleeps.
+    first = run_worker(concurrency=2, poll_interval=0.1)
+    wait_until(lambda: conn.execute("SELECT count(*) FROM jobs WHERE id = ANY(%s) AND state = "
+                                    "'succeeded'", (noops,)).fetchone()[0] == 50, what="no-ops")
+    # Only the sleeps A has a slot for stay with it; the others are queued for B.
+    second = run_worker(concurrency=2, poll_interval=0.1)
+    for job_id in sleeps:
+        assert final(conn, job_id).state == "succeeded"
+    rows = conn.execute("SELECT worker_id, attempts, errors FROM jobs WHERE id = ANY(%s)",
+                        (sleeps,)).fetchall()
+    assert all(attempts == 1 and errors == [] for _, attempts, errors in rows)
+    by_worker = {w: sum(1 for r in rows if r[0] == w) for w in (first.worker_id, second.worker_id)}
+    assert by_worker[second.worker_id] > 0 and sum(by_worker.values()) == 20, by_worker
+    assert first.stats["surplus_released"] > 0
