@@ -189,11 +189,18 @@ def fail(message: str = "jobrunner.fail always fails") -> None:
 
 @task("report.payments", max_attempts=3, timeout=600, backoff=(2.0, 60.0))
 def report_payments() -> dict:
-    """Each user's total payment, from the orders of the worker's database."""
+    """Each user's total payment, from the orders of the worker's database. A job
+    cancelled before the aggregation starts does not run it; one cancelled while it runs
+    ends cancelled, its result discarded."""
     from . import aggregate, db
 
     try:
-        url = current_job().database_url
+        ctx: JobContext | None = current_job()
     except RuntimeError:
-        url = None
-    return {"data": aggregate.payments(url or db.database_url())}
+        ctx = None
+    if ctx is not None:
+        ctx.raise_if_cancelled()
+    data = aggregate.payments((ctx.database_url if ctx else None) or db.database_url())
+    if ctx is not None:
+        ctx.raise_if_cancelled()
+    return {"data": data}

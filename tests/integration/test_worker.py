@@ -344,3 +344,18 @@ def test_slow_jobs_claimed_with_a_big_inline_batch_are_given_back_to_other_worke
     by_worker = {w: sum(1 for r in rows if r[0] == w) for w in (first.worker_id, second.worker_id)}
     assert by_worker[second.worker_id] > 0 and sum(by_worker.values()) == 20, by_worker
     assert first.stats["surplus_released"] > 0
+
+
+def test_report_payments_cancelled_while_aggregating_discards_its_result(conn, db_url, run_worker):
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (1, 7)")
+    with psycopg.connect(db_url) as locker:
+        locker.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")  # the aggregation waits
+        worker = run_worker()
+        job = queue.enqueue("report.payments", conn=conn)
+        wait_until(lambda: job.id in worker._running, what="the report to start")
+        queue.cancel(job.id, conn=conn)
+        wait_until(lambda: worker._running[job.id].ctx.cancel_requested(), what="cancel seen")
+    # the lock is gone: the aggregation returns, but the job was cancelled meanwhile
+    done = final(conn, job.id)
+    assert done.state == "cancelled" and done.result is None
+    assert conn.execute("SELECT count(*) FROM results").fetchone()[0] == 0
