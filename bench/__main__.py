@@ -40,7 +40,8 @@ def _aggregation(url: str, s: Settings) -> dict:
     metrics = [metric(f"ratio to GROUP BY at {r['rows']:,} rows", r["ratio"], "x")
                for r in figures["sizes"] if r is not largest]
     metrics += [
-        metric(f"ratio to GROUP BY at {largest['rows']:,} rows", largest["ratio"], "x",
+        metric(f"ratio to GROUP BY at {largest['rows']:,} rows, users 1..{figures['sizes'][0]['user_ids_from_1_to']:,}",
+               largest["ratio"], "x",
                target=aggregation.TARGET_RATIO, op="<="),
         metric(f"rows/s at {largest['rows']:,} rows", largest["rows_per_s"], "rows/s"),
         metric("peak memory above idle (largest of all sizes)",
@@ -49,6 +50,18 @@ def _aggregation(url: str, s: Settings) -> dict:
         metric("equal to GROUP BY at every size", int(all(r["correct"] for r in figures["sizes"])),
                "bool", target=1, op=">="),
     ]
+    if not s.quick:
+        # The same largest size with many users, for contrast (no target).
+        many = aggregation.run(url, (largest["rows"],), repeats=3, users=aggregation.MANY_USERS,
+                               log=lambda line: s.log("  " + line))
+        other = many["sizes"][0]
+        figures["many_users"] = many
+        metrics += [
+            metric(f"ratio to GROUP BY at {other['rows']:,} rows, {aggregation.MANY_USERS:,} users",
+                   other["ratio"], "x"),
+            metric("equal to GROUP BY with many users", int(other["correct"]), "bool",
+                   target=1, op=">="),
+        ]
     figures["metrics"] = metrics
     return figures
 
