@@ -3,16 +3,19 @@
 The pool is created closed and opened in the ASGI lifespan startup, i.e. inside each
 gunicorn worker after the fork, and closed at lifespan shutdown. It opens without
 waiting for the database: a worker starts (and answers /healthz) while the database is
-down, and /readyz tells the truth. Every checkout is checked
-(`AsyncConnectionPool.check_connection`), so connections broken by a database restart
-are replaced on the spot and the restart is invisible to clients once the server is
-back. While the database cannot be reached, `connection()` raises
-`errors.DatabaseUnavailable`, which the error handler answers with 503 + Retry-After.
+down, and /readyz tells the truth. Checkouts are checked (`Database._check`), so
+connections broken by a database restart are replaced on the spot and the restart is
+invisible to clients once the server is back. While the database cannot be reached,
+`connection()` raises `errors.DatabaseUnavailable`, which the error handler answers with
+503 + Retry-After.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import time
+import weakref
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -25,6 +28,21 @@ from jobrunner import db as jobrunner_db
 log = logging.getLogger("api.db")
 
 APPLICATION_NAME = "jobrunner-api"
+
+# A connection back in the pool for less than this is handed out again without a round
+# trip to the server, unless the server has written to it meanwhile (see Database._check).
+RECENT_USE_SECONDS = 5.0
+
+
+def _has_input(conn: psycopg.AsyncConnection) -> bool:
+    """Has the server sent something to this idle connection? A server that shuts down
+    or terminates the backend says so (and closes the socket) before it goes away."""
+    try:
+        poller = select.poll()      # not select.select: descriptors may exceed 1023
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
 
 
 class Database:
@@ -46,6 +64,9 @@ class Database:
         self.degraded = False
         self._probe_lock = asyncio.Lock()
         self._closing: set[asyncio.Task] = set()
+        # When each pooled connection was last given back by a request (monotonic time).
+        self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = (
+            weakref.WeakKeyDictionary())
 
     @property
     def url(self) -> str:
@@ -62,13 +83,26 @@ class Database:
             min_size=config.env_int("DB_POOL_MIN_SIZE", 1),
             max_size=config.env_int("DB_POOL_MAX_SIZE", 10),
             timeout=config.env_float("DB_POOL_TIMEOUT", 5.0),
-            check=AsyncConnectionPool.check_connection,
+            check=self._check,
             kwargs={
                 "autocommit": True,
                 "application_name": APPLICATION_NAME,
                 "connect_timeout": config.env_int("DB_CONNECT_TIMEOUT", 5),
             },
         )
+
+    async def _check(self, conn: psycopg.AsyncConnection) -> None:
+        """The pool's check on checkout: a round trip to the server
+        (`AsyncConnectionPool.check_connection`), except for a connection a request gave
+        back less than RECENT_USE_SECONDS ago on which the server has sent nothing: the
+        hot path of the API costs no extra round trip. A connection that fails anyway
+        (the server vanished without a word) fails its query: that request answers 503
+        and the pool discards the broken connection."""
+        returned = self._returned.get(conn)
+        if (returned is not None and time.monotonic() - returned < RECENT_USE_SECONDS
+                and not _has_input(conn)):
+            return
+        await AsyncConnectionPool.check_connection(conn)
 
     async def open(self) -> None:
         if self.pool is not None:
@@ -139,4 +173,5 @@ class Database:
             log.warning("database connection failed: %s", exc)
             raise errors.DatabaseUnavailable("the database connection failed") from exc
         finally:
+            self._returned[conn] = time.monotonic()
             await pool.putconn(conn)

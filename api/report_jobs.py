@@ -1,19 +1,21 @@
 """Report jobs as the v2 API sees them: submit (deduplicated, idempotent), read, cancel.
 
 Everything runs on the API's async pool (api/db.py) with the named SQL of
-sql/queries/reports_v2.sql and the queue's own `enqueue` / `active_by_dedupe_key` /
-`cancel` statements (sql/queries/queue.sql), so a job submitted here is exactly what
-`jobrunner.queue.enqueue` would have made, NOTIFY included.
+sql/queries/reports_v2.sql and the queue's `cancel` (sql/queries/queue.sql). A job
+submitted here is exactly what `jobrunner.queue.enqueue` would have made, NOTIFY
+included; a submit is one statement on one pooled connection (the hot path of the API).
 
 - Dedupe: every report job carries DEDUPE_KEY; the partial unique index over active
   jobs (jobs_dedupe_key_idx) lets only one be queued/running/failed at a time. A submit
-  inserts with ON CONFLICT DO NOTHING and, when nothing was inserted, reads the active
-  job (retrying should that job finish in between): concurrent submits wait on the
-  index entry of the first and end up with its job.
-- Idempotency-Key: the key is taken (INSERT ... ON CONFLICT DO NOTHING on its primary
-  key) before the job is enqueued, in one transaction; a concurrent request with the
-  same key waits for that transaction and then reads the key's job. The key keeps
-  pointing at its job after the job finished.
+  inserts with ON CONFLICT DO NOTHING and, when nothing was inserted, returns the active
+  job from the same statement (running it again should that job not be visible yet or
+  have finished in between): concurrent submits wait on the index entry of the first
+  and end up with its job.
+- Idempotency-Key: one statement in a transaction returns the key's job, or enqueues
+  (or joins) the job and takes the key for it (INSERT ... ON CONFLICT DO NOTHING on its
+  primary key). A concurrent request with the same key waits for that transaction,
+  rolls its own work back and then finds the key's job. The key keeps pointing at its
+  job after the job finished.
 
 A JobView is one read of a job; its JSON body is built once and shared by every
 response that shows the same read (thousands of long-poll waiters of one job).
@@ -47,6 +49,7 @@ _WAIT = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6})?")       # plain decimal seconds
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:+/=\-]{1,255}")
 
 _SQL = queries("reports_v2")
+_NO_ARGS = Jsonb({})
 _QUEUE_SQL = queries("queue")
 
 
@@ -190,52 +193,50 @@ def _max_attempts() -> int:
     return value or DEFAULT_MAX_ATTEMPTS
 
 
-def _enqueue_params() -> dict[str, Any]:
-    return {"queue": DEFAULT_QUEUE, "kind": KIND, "args": Jsonb({}), "priority": 0,
-            "run_at": None, "delay": 0.0, "max_attempts": _max_attempts(),
-            "dedupe_key": DEDUPE_KEY}
+def _submit_params() -> dict[str, Any]:
+    return {"queue": DEFAULT_QUEUE, "kind": KIND, "args": _NO_ARGS,
+            "max_attempts": _max_attempts(), "dedupe_key": DEDUPE_KEY}
 
 
-async def _enqueue_deduplicated(conn) -> int:
-    """The id of the active report job: a new one, or the one already queued/running."""
-    params = _enqueue_params()
-    async with conn.cursor(row_factory=dict_row) as cur:
-        for _ in range(10):
-            await cur.execute(_QUEUE_SQL["enqueue"], params)
-            row = await cur.fetchone()
-            if row is not None:
-                return row["id"]
-            # An active job holds the dedupe key: join it. Should it have finished in
-            # between (the key is free again), insert once more.
-            await cur.execute(_QUEUE_SQL["active_by_dedupe_key"], {"dedupe_key": DEDUPE_KEY})
-            row = await cur.fetchone()
-            if row is not None:
-                return row["id"]
-    raise errors.Conflict("could not submit the report job; try again")
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The job a submit answers with: just what the 202 response shows."""
+
+    id: int
+    state: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"job_id": self.id, "status": self.state, "status_url": status_url(self.id)}
 
 
-async def submit(db, idempotency_key: str | None = None) -> JobView:
-    """Submit a payments report job (or join the active one); see the module docstring."""
-    key = {"scope": IDEMPOTENCY_SCOPE, "key": idempotency_key}
+async def submit(db, idempotency_key: str | None = None) -> Submitted:
+    """Submit a payments report job (or join the active one); see the module docstring.
+
+    One pooled connection and one statement: without a key in autocommit, with a key in
+    a transaction (BEGIN, the statement, COMMIT). The statement returns no row in the
+    rare races described in sql/queries/reports_v2.sql; it is then run again.
+    """
+    params = _submit_params()
     async with db.connection() as conn:
-        for _ in range(10):
-            async with conn.transaction():
-                if idempotency_key is not None:
-                    cur = await conn.execute(_SQL["take_idempotency_key"], key)
-                    if await cur.fetchone() is None:
-                        cur = await conn.execute(_SQL["idempotency_key_job"], key)
-                        row = await cur.fetchone()
-                        if row is None or row[0] is None:
-                            continue  # its job was pruned meanwhile: take the key again
-                        job_id = row[0]
-                        break
-                job_id = await _enqueue_deduplicated(conn)
-                if idempotency_key is not None:
-                    await conn.execute(_SQL["set_idempotency_key_job"], {**key, "job_id": job_id})
-                break
+        if idempotency_key is None:
+            for _ in range(10):
+                cur = await conn.execute(_SQL["submit"], params)
+                row = await cur.fetchone()
+                if row is not None:
+                    return Submitted(row[0], row[1])
         else:
-            raise errors.Conflict("could not submit the report job; try again")
-    return await read_job(db, job_id)
+            params["scope"] = IDEMPOTENCY_SCOPE
+            params["key"] = idempotency_key
+            for _ in range(10):
+                async with conn.transaction() as tx:
+                    cur = await conn.execute(_SQL["submit_with_idempotency_key"], params)
+                    row = await cur.fetchone()
+                    if row is not None and row[2]:
+                        return Submitted(row[0], row[1])
+                    # Another request took the key first (or the active job was not
+                    # visible yet): undo what this statement did and look again.
+                    raise psycopg.Rollback(tx)
+    raise errors.Conflict("could not submit the report job; try again")
 
 
 async def cancel(db, job_id: int) -> JobView:
