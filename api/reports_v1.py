@@ -3,10 +3,10 @@
 The aggregation (jobrunner.aggregate, shared with the v2 worker) reads the orders with
 the plain projection of sql/queries/report.sql and sums per user in Python. It is
 synchronous and CPU-heavy, so it runs in a thread: the event loop keeps serving other
-requests (and long-polls) meanwhile. It opens its own connections from the URL and
-holds no pool connection. At most REPORT_CONCURRENCY reports run at once per process
-(the others wait their turn), so a burst of v1 calls cannot exhaust the database's
-connections or the thread pool.
+requests (and long-polls) meanwhile. It reads on the aggregation's own connections
+(kept per process by jobrunner.aggregate), never on the API's pool. At most
+REPORT_CONCURRENCY reports run at once per process (the others wait their turn), so a
+burst of v1 calls cannot exhaust the database's connections or the thread pool.
 """
 from __future__ import annotations
 

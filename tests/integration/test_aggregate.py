@@ -186,3 +186,82 @@ def test_copy_of_other_shapes_is_refused(db_url, query):
     # An error raised inside asyncpg's output callback used to hang the COPY: time out.
     with pytest.raises(errors.ReportDataError):
         asyncio.run(asyncio.wait_for(copy(), 60))
+
+
+def _backends(conn) -> set[int]:
+    """Other sessions connected to this test's database (the aggregation's)."""
+    return {r[0] for r in conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'").fetchall()}
+
+
+def test_connections_are_kept_across_calls_and_replaced_when_they_die(conn, db_url):
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (1, 1), (2, 2), (1, 3)")
+    want = reference(conn)
+    assert aggregate.payments(db_url, parallelism=1) == want
+    pooled = _backends(conn)
+    assert len(pooled) == 1
+    assert aggregate.payments(db_url, parallelism=1) == want
+    assert _backends(conn) == pooled       # the same session served the second call
+    for pid in pooled:                     # a restart, as far as these sessions go
+        conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+    assert aggregate.payments(db_url, parallelism=1) == want
+    assert aggregate.payments(db_url, parallelism=3, min_part_blocks=1) == want
+    assert _backends(conn) and not _backends(conn) & pooled
+
+
+def test_concurrent_calls_share_a_small_pool_without_deadlock(conn, db_url, monkeypatch):
+    """More calls than connections, each wanting several: every call finishes, with the
+    right sums, and the process never holds more than the pool's size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(aggregate, "POOL_SIZE", 3)   # read when this URL's pool is made
+    insert_random(conn, 30_000, max_user=500, max_total=1000)
+    want = reference(conn)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(
+            lambda _: aggregate.payments(db_url, parallelism=3, min_part_blocks=1), range(16)))
+    assert all(r == want for r in results)
+    assert 1 <= len(_backends(conn)) <= 3
+
+
+def test_a_forked_child_uses_connections_of_its_own(conn, db_url):
+    import multiprocessing
+
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (5, 7)")
+    want = reference(conn)
+    assert aggregate.payments(db_url, parallelism=1) == want
+    parent_sessions = _backends(conn)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as child:
+        assert child.apply(aggregate.payments, (db_url,), {"parallelism": 1}) == want
+    assert aggregate.payments(db_url, parallelism=1) == want
+    assert parent_sessions <= _backends(conn)   # the parent's session survived the child
+
+
+def test_a_pooled_connection_found_dead_on_first_use_is_replaced_in_the_same_call(
+        conn, db_url, monkeypatch):
+    """The session dies while the aggregation's event loop is busy, so the next call
+    sends its first statement before the loop has read the server's goodbye: the call
+    must start over on a new connection rather than fail."""
+    import time
+
+    conn.execute("INSERT INTO orders (user_id, total) VALUES (3, 4)")
+    want = reference(conn)
+    assert aggregate.payments(db_url, parallelism=1) == want
+    stale = []
+    real_once = aggregate._payments_once
+
+    async def spy(*args, **kwargs):
+        try:
+            return await real_once(*args, **kwargs)
+        except aggregate._StaleConnection:
+            stale.append(True)
+            raise
+
+    monkeypatch.setattr(aggregate, "_payments_once", spy)
+    aggregate._get_runner().loop.call_soon_threadsafe(time.sleep, 1.0)  # the loop is busy
+    for pid in _backends(conn):
+        conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+    assert aggregate.payments(db_url, parallelism=1) == want
+    assert stale == [True]
