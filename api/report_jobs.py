@@ -22,8 +22,10 @@ response that shows the same read (thousands of long-poll waiters of one job).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -209,13 +211,58 @@ class Submitted:
         return {"job_id": self.id, "status": self.state, "status_url": status_url(self.id)}
 
 
+class _SubmitBatches:
+    """Submits without an Idempotency-Key of one process, coalesced: every request that
+    arrives while a submit statement is running joins the next one, which starts when
+    the running one is done; all of them answer with its job. Each batch's statement
+    starts after all of its requests arrived, so each gets what a submit of its own
+    would have: the job active at that moment, or a new one. A busy API thus runs one
+    statement per database round trip instead of one per request."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+        self._open: asyncio.Future | None = None     # the batch that requests join now
+        self._last: asyncio.Future | None = None     # the latest batch started
+
+    async def submit(self) -> Submitted:
+        batch = self._open
+        if batch is None or batch.done():     # done: it failed before it started
+            batch = self._open = asyncio.ensure_future(self._run(self._last))
+            batch.add_done_callback(_retrieve)
+            self._last = batch
+        return await asyncio.shield(batch)
+
+    async def _run(self, previous: asyncio.Future | None) -> Submitted:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        self._open = None            # requests arriving from now on: the next batch
+        return await _submit(self.db, None)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a batch's exception as retrieved (its requests may all have gone away)."""
+    if not future.cancelled():
+        future.exception()
+
+
+_batches: weakref.WeakKeyDictionary[Any, _SubmitBatches] = weakref.WeakKeyDictionary()
+
+
 async def submit(db, idempotency_key: str | None = None) -> Submitted:
     """Submit a payments report job (or join the active one); see the module docstring.
+    Concurrent submits without a key share one statement (_SubmitBatches)."""
+    if idempotency_key is not None:
+        return await _submit(db, idempotency_key)
+    batches = _batches.get(db)
+    if batches is None:
+        batches = _batches[db] = _SubmitBatches(db)
+    return await batches.submit()
 
-    One pooled connection and one statement: without a key in autocommit, with a key in
-    a transaction (BEGIN, the statement, COMMIT). The statement returns no row in the
-    rare races described in sql/queries/reports_v2.sql; it is then run again.
-    """
+
+async def _submit(db, idempotency_key: str | None) -> Submitted:
+    """One pooled connection and one statement: without a key in autocommit, with a key
+    in a transaction (BEGIN, the statement, COMMIT). The statement returns no row in the
+    rare races described in sql/queries/reports_v2.sql; it is then run again."""
     params = _submit_params()
     async with db.connection() as conn:
         if idempotency_key is None:

@@ -139,3 +139,29 @@ def test_a_succeeded_job_shows_its_stored_result(db_url):
         assert replay.json["data"]["status"] == "succeeded"
 
     run(db_url, scenario)
+
+
+def test_concurrent_submits_share_one_statement_and_later_submits_see_the_new_state(db_url):
+    from api import report_jobs
+    from api.db import Database
+
+    async def main():
+        db = Database(db_url)
+        await db.open()
+        try:
+            before = db.pool.get_stats().get("requests_num", 0)
+            jobs = await asyncio.gather(*(report_jobs.submit(db) for _ in range(30)))
+            assert {(j.id, j.state) for j in jobs} == {(jobs[0].id, "queued")}
+            assert db.pool.get_stats()["requests_num"] - before == 1   # one checkout
+            # Once the job is final, the next submit makes a new job (a batch's answer
+            # is never handed to a request that arrived after its statement started).
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                queue.cancel(jobs[0].id, conn=conn)
+            again = await report_jobs.submit(db)
+            assert again.id != jobs[0].id and again.state == "queued"
+            keyed = await asyncio.gather(*(report_jobs.submit(db, "k-1") for _ in range(5)))
+            assert {(j.id, j.state) for j in keyed} == {(again.id, "queued")}
+        finally:
+            await db.close()
+
+    asyncio.run(main())
