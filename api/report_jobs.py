@@ -10,7 +10,8 @@ included; a submit is one statement on one pooled connection (the hot path of th
   inserts with ON CONFLICT DO NOTHING and, when nothing was inserted, returns the active
   job from the same statement (running it again should that job not be visible yet or
   have finished in between): concurrent submits wait on the index entry of the first
-  and end up with its job.
+  and end up with its job. Concurrent submits of one process share one statement
+  (_SubmitBatches).
 - Idempotency-Key: one statement in a transaction returns the key's job, or enqueues
   (or joins) the job and takes the key for it (INSERT ... ON CONFLICT DO NOTHING on its
   primary key). A concurrent request with the same key waits for that transaction,
