@@ -593,6 +593,7 @@ async def _payments_once(pool: _Pool, parallelism: int, batch_rows: int,
                 other_tx = await _begin(conn, False)
 
                 async def read():
+                    await conn.execute(q["payments_part_lock"])
                     await conn.execute(import_snapshot)
                     return await part(conn, lo, hi)
 
@@ -638,8 +639,18 @@ async def _payments(url: str, parallelism: int, batch_rows: int, min_blocks: int
             if attempt == 2:
                 raise errors.DatabaseUnavailable(
                     f"lost the database connection: {exc.__cause__}") from exc.__cause__
-        except (ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError,
-                asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError) as exc:
+        except asyncpg.exceptions.LockNotAvailableError as exc:
+            # see payments_part_lock: the table is being truncated or rewritten right now
+            raise errors.DatabaseUnavailable(
+                "the orders table is being rewritten; try again shortly") from exc
+        except (ConnectionError, asyncpg.exceptions.PostgresConnectionError,
+                asyncpg.exceptions.OperatorInterventionError) as exc:
+            # 08xxx connection failures; 57xxx admin/crash shutdown, cannot connect now
+            await pool.pool.expire_connections()
+            raise errors.DatabaseUnavailable(f"lost the database connection: {exc}") from exc
+        except asyncpg.exceptions.InterfaceError as exc:
+            if "closed" not in str(exc):
+                raise
             await pool.pool.expire_connections()
             raise errors.DatabaseUnavailable(f"lost the database connection: {exc}") from exc
     raise AssertionError("unreachable")

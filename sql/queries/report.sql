@@ -20,6 +20,15 @@ LOCK TABLE orders IN ACCESS SHARE MODE
 SELECT pg_export_snapshot() AS snapshot,
        (pg_relation_size('orders') / current_setting('block_size')::bigint)::bigint AS nblocks
 
+-- name: payments_part_lock
+-- Every other part takes the same lock before importing the snapshot (LOCK takes no
+-- snapshot, so the import may still follow), but waits only briefly: a TRUNCATE queued
+-- behind the first connection's lock would otherwise wait for us while we wait for it,
+-- a cycle through our process that PostgreSQL's deadlock check cannot see. On timeout
+-- the whole read gives up (and is retried), releasing the first connection's lock.
+SET LOCAL lock_timeout = '2s';
+LOCK TABLE orders IN ACCESS SHARE MODE
+
 -- name: payments_import_snapshot
 -- {snapshot} is filled in with psycopg.sql.Literal (utility statements take no parameters).
 SET TRANSACTION SNAPSHOT {snapshot}

@@ -265,3 +265,63 @@ def test_a_pooled_connection_found_dead_on_first_use_is_replaced_in_the_same_cal
         conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
     assert aggregate.payments(db_url, parallelism=1) == want
     assert stale == [True]
+
+
+def test_a_truncate_queued_mid_read_does_not_deadlock_the_parts(conn, db_url, pg_server, monkeypatch):
+    """The first connection holds its lock while a TRUNCATE queues behind it; the other
+    parts must not queue behind the TRUNCATE forever (a cycle through our process that
+    PostgreSQL cannot see): they give up, the read fails as retryable, the TRUNCATE runs."""
+    import threading
+    import time
+
+    import psycopg
+
+    insert_random(conn, 20_000, max_user=10, max_total=100)
+    truncate_done = threading.Event()
+
+    def truncate():
+        with psycopg.connect(db_url, autocommit=True) as other:
+            other.execute("TRUNCATE orders")
+        truncate_done.set()
+
+    real_split = aggregate.split_blocks
+    started: list[threading.Thread] = []
+
+    def split_then_queue_a_truncate(*args, **kwargs):
+        if not started:  # the first connection holds its lock and snapshot now
+            thread = threading.Thread(target=truncate, daemon=True)
+            thread.start()
+            started.append(thread)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until the TRUNCATE waits on the lock
+                waiting = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query = 'TRUNCATE orders' AND wait_event_type = 'Lock'").fetchone()[0]
+                if waiting:
+                    break
+                time.sleep(0.05)
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(aggregate, "split_blocks", split_then_queue_a_truncate)
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(aggregate.payments(db_url, parallelism=4, min_part_blocks=1))
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(60)
+    try:
+        assert not caller.is_alive(), "the aggregation hung behind the queued TRUNCATE"
+        assert started, "the TRUNCATE was never queued"
+        assert isinstance(outcome[0], errors.DatabaseUnavailable), outcome
+        assert truncate_done.wait(30), "the TRUNCATE never ran"
+        monkeypatch.setattr(aggregate, "split_blocks", real_split)
+        assert aggregate.payments(db_url, parallelism=4, min_part_blocks=1) == []
+    finally:
+        with pg_server.admin() as admin:  # never leave a hung session behind
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE query = 'TRUNCATE orders' AND pid <> pg_backend_pid()")
