@@ -147,6 +147,15 @@ _JOB_ID_PARAM = {
 _TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
 _STATES = ["queued", "running", "succeeded", "failed", "dead", "cancelled"]
 
+# POST and the legacy GET submit answer alike.
+_SUBMIT_RESPONSES = {
+    "202": json_response("The job (new, joined, or the Idempotency-Key's).",
+                         {"$ref": "#/components/schemas/ReportJobSubmitted"},
+                         {"Location": {"description": "The job's status URL.",
+                                       "schema": {"type": "string"}}}),
+    **error_responses(400, 409, 503),
+}
+
 OPENAPI = {
     "tags": [{"name": "report jobs", "description": "The payments report as a queued job (v2)."}],
     "components": {
@@ -225,26 +234,14 @@ OPENAPI = {
                                "submits). Follow `Location` / `status_url`, e.g. with "
                                "`?wait=30`.",
                 "parameters": [{"$ref": "#/components/parameters/Idempotency-Key"}],
-                "responses": {
-                    "202": json_response("The job (new, joined, or the Idempotency-Key's).",
-                                         {"$ref": "#/components/schemas/ReportJobSubmitted"},
-                                         {"Location": {"description": "The job's status URL.",
-                                                       "schema": {"type": "string"}}}),
-                    **error_responses(400, 409, 503),
-                },
+                "responses": _SUBMIT_RESPONSES,
             },
             "get": {
                 "operationId": "submitPaymentsReportJobLegacy",
                 "tags": ["report jobs"],
                 "summary": "Submit a payments report job (as POST; for older clients).",
                 "parameters": [{"$ref": "#/components/parameters/Idempotency-Key"}],
-                "responses": {
-                    "202": json_response("The job (new, joined, or the Idempotency-Key's).",
-                                         {"$ref": "#/components/schemas/ReportJobSubmitted"},
-                                         {"Location": {"description": "The job's status URL.",
-                                                       "schema": {"type": "string"}}}),
-                    **error_responses(400, 409, 503),
-                },
+                "responses": _SUBMIT_RESPONSES,
             },
         },
         STATUS_PATH: {
