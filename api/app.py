@@ -19,6 +19,7 @@ asyncio.Event set as soon as the signal arrives, so they can answer at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -84,6 +85,13 @@ class Lifespan:
         await self.context.db.open()
         for hook in self.context.on_startup:
             await hook()
+        # Everything alive now (modules, the app, the OpenAPI document, the pool) lives
+        # as long as the process: move it out of the collector's reach. Otherwise every
+        # full collection, triggered by the garbage of ordinary requests, walks all of
+        # it while the event loop stands still; measured with `make bench` (HTTP
+        # scenario), that pause was most of the submit's p99 (about 40 ms -> 15-20 ms).
+        gc.collect()
+        gc.freeze()
         log.info("API process ready")
 
     async def process_shutdown(self, scope: dict, event: dict) -> None:
