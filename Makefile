@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[fast]' \
+	  || echo "gunicorn-h1c did not build: gunicorn keeps its pure-Python HTTP parser"
 	touch $(STAMP)
 
 run: $(STAMP)
