@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="slots (connections) per naive baseline process (default 4)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="HTTP load generator (auto: wrk if installed or installable, else python)")
+    p.add_argument("--web-concurrency", type=int, default=0,
+                   help="API processes in the HTTP scenario (default: one per core)")
     p.add_argument("--profile", metavar="DIR",
                    help="record py-spy profiles (speedscope JSON) of the API and worker "
                         "processes into DIR while they are measured")
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(quick=args.quick, workers=args.workers, concurrency=args.concurrency,
                         log=lambda line: print(line, flush=True),
                         extra={"naive_slots": args.naive_slots, "loadgen": args.loadgen,
+                               "web_concurrency": args.web_concurrency,
                                "profile": args.profile})
     started = time.time()
     report = {

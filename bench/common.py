@@ -337,14 +337,19 @@ class Api:
         return f"http://127.0.0.1:{self.port}"
 
     def worker_pid(self) -> int | None:
-        """The (single) gunicorn worker process serving requests."""
+        """The (first) gunicorn worker process serving requests."""
         kids = children(self.process.pid)
         return kids[0] if kids else None
+
+    def worker_pids(self) -> list[int]:
+        """Every gunicorn worker process serving requests."""
+        return list(children(self.process.pid))
 
 
 @contextmanager
 def api_server(url: str, **env: str) -> Iterator[Api]:
-    """The real API under gunicorn (one worker process), on a free port."""
+    """The real API under gunicorn (one worker process unless WEB_CONCURRENCY is
+    given), on a free port."""
     import httpx
 
     port = free_port()
