@@ -8,6 +8,11 @@ SELECT user_id, total FROM orders
 -- name: payments_rows
 SELECT user_id, total FROM orders
 
+-- name: payments_blocks
+-- The table's size in blocks, to choose between one plain COPY of payments_rows (a
+-- single statement reads one snapshot by itself) and parallel parts.
+SELECT (pg_relation_size('orders') / current_setting('block_size')::bigint)::bigint AS nblocks
+
 -- name: payments_lock
 -- The aggregation (jobrunner/aggregate.py) reads payments_rows as text COPY, split
 -- into block (ctid) ranges (payments_rows_range) read in parallel on several

@@ -286,9 +286,13 @@ def test_a_truncate_queued_mid_read_does_not_deadlock_the_parts(conn, db_url, pg
 
     real_split = aggregate.split_blocks
     started: list[threading.Thread] = []
+    calls: list[None] = []
 
     def split_then_queue_a_truncate(*args, **kwargs):
-        if not started:  # the first connection holds its lock and snapshot now
+        calls.append(None)
+        # the first call chooses parallel parts; by the second the first connection
+        # holds its lock and snapshot
+        if len(calls) == 2:
             thread = threading.Thread(target=truncate, daemon=True)
             thread.start()
             started.append(thread)
