@@ -14,8 +14,9 @@ waiters.
   `{"id": ..., "state": ...}`. Its application_name is `jobrunner-api-listener:<pid>`,
   so pg_stat_activity shows which process it belongs to.
 - Dispatch is O(1) per notification: a dict lookup of the job id; ids that someone
-  waits for are collected and one reader task fetches them in one query per batch, then
-  resolves every waiter of each job with that one read (`view.final` only). Waiters
+  waits for are collected and fetched in one query per batch (up to `reads` batches in
+  flight, oldest notifications first), and every waiter of each job is resolved with
+  that one read (`view.final` only). Waiters
   hold no database connection while they wait; on the hot path nothing is done per
   waiter but resolving its future.
 - Notifications sent while the listener was disconnected are lost, so after every
@@ -55,7 +56,8 @@ class CompletionHub:
     def __init__(self, url: Callable[[], str], fetch: Callable[[Iterable[int]], Awaitable[dict[int, Any]]],
                  *, channel: str = DONE_CHANNEL, ping_every: float = 5.0,
                  recheck_every: float = 30.0,
-                 backoff: tuple[float, float] = (0.1, 2.0), batch: int = 1000) -> None:
+                 backoff: tuple[float, float] = (0.1, 2.0), batch: int = 1000,
+                 reads: int = 4) -> None:
         self._url = url
         self._fetch = fetch
         self.channel = channel
@@ -63,8 +65,11 @@ class CompletionHub:
         self.recheck_every = recheck_every
         self.backoff = backoff
         self.batch = batch
+        self.reads = reads
         self._waiters: dict[int, set[asyncio.Future]] = {}
-        self._pending: set[int] = set()
+        self._pending: dict[int, None] = {}      # notified job ids, oldest first
+        self._read_tasks: set[asyncio.Task] = set()
+        self._retry_delay = backoff[0]
         self._wake: asyncio.Event | None = None
         self._reads: dict[int, list[asyncio.Future]] = {}
         self._read_task: asyncio.Task | None = None
@@ -156,43 +161,57 @@ class CompletionHub:
             log.warning("listener: ignoring malformed notification %r", payload[:200])
             return
         if job_id in self._waiters:
-            self._pending.add(job_id)
+            self._pending[job_id] = None
             self._wake.set()
 
     def recheck(self) -> None:
         """Read again every job someone waits for (after a reconnect)."""
         if self._waiters:
-            self._pending.update(self._waiters)
+            self._pending.update(dict.fromkeys(self._waiters))
             self._wake.set()
 
     async def _reader(self) -> None:
-        """Reads notified jobs in batches and answers their waiters."""
-        delay = self.backoff[0]
+        """Reads notified jobs in batches and answers their waiters. Up to `reads`
+        batches are in flight at once: under load each read waits for the server's CPU,
+        and notifications arriving meanwhile start the next read instead of queueing
+        behind the one running (oldest notifications first)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            ids = [job_id for job_id in self._pending if job_id in self._waiters]
-            self._pending.clear()
-            for start in range(0, len(ids), self.batch):
-                chunk = ids[start:start + self.batch]
-                try:
-                    views = await self._fetch(chunk)
-                except Exception as exc:  # noqa: BLE001 - the database may be down
-                    log.warning("listener: reading %d job(s) failed (%s); retrying in %.1fs",
-                                len(chunk), exc, delay)
-                    self._pending.update(chunk)
-                    self._pending.update(ids[start + self.batch:])
-                    await asyncio.sleep(delay)
-                    delay = min(self.backoff[1], delay * 2)
-                    self._wake.set()
-                    break
-                delay = self.backoff[0]
-                for job_id in chunk:
-                    view = views.get(job_id)
-                    if view is None:
-                        self._resolve(job_id, WAKE)       # gone: let the handler say 404
-                    elif view.final:
-                        self._resolve(job_id, view)
+            while self._pending and len(self._read_tasks) < self.reads:
+                ids = list(self._pending)
+                self._pending = dict.fromkeys(ids[self.batch:])
+                chunk = [job_id for job_id in ids[:self.batch] if job_id in self._waiters]
+                if not chunk:
+                    continue
+                task = asyncio.create_task(self._read_and_resolve(chunk), name="completion-read")
+                self._read_tasks.add(task)
+                task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Task) -> None:
+        self._read_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("listener: a batched read failed", exc_info=task.exception())
+        self._wake.set()      # a read slot is free: start the next batch, if any
+
+    async def _read_and_resolve(self, chunk: list[int]) -> None:
+        try:
+            views = await self._fetch(chunk)
+        except Exception as exc:  # noqa: BLE001 - the database may be down
+            delay = self._retry_delay
+            self._retry_delay = min(self.backoff[1], delay * 2)
+            log.warning("listener: reading %d job(s) failed (%s); retrying in %.1fs",
+                        len(chunk), exc, delay)
+            await asyncio.sleep(delay)     # holds its read slot: no retry storm
+            self._pending.update(dict.fromkeys(chunk))
+            return
+        self._retry_delay = self.backoff[0]
+        for job_id in chunk:
+            view = views.get(job_id)
+            if view is None:
+                self._resolve(job_id, WAKE)       # gone: let the handler say 404
+            elif view.final:
+                self._resolve(job_id, view)
 
     # --- the LISTEN connection ----------------------------------------------------------
 
@@ -300,6 +319,7 @@ class CompletionHub:
         if not self.closed:
             await self.release_all()
         tasks, self._tasks = self._tasks, []
+        tasks.extend(self._read_tasks)
         if self._read_task is not None:
             tasks.append(self._read_task)
             self._read_task = None

@@ -169,3 +169,58 @@ def test_a_job_finished_without_notification_is_found_by_the_periodic_recheck(db
             assert view.state == "cancelled" and hub.connects == 1
 
     asyncio.run(main())
+
+
+def test_a_slow_read_does_not_hold_back_the_next_notified_job(db_url):
+    """Under load a batched read waits for the server; jobs notified meanwhile are read
+    by another read in flight, not queued behind it. A failed read is retried."""
+    async def main():
+        holder = Hub(db_url, backoff=(0.05, 0.1))
+        release_first = asyncio.Event()
+        real_fetch = holder.hub._fetch
+        blocked: list[int] = []
+        failing: set[int] = set()
+
+        async def fetch(ids):
+            ids = list(ids)
+            if jobs[0] in ids and not release_first.is_set():
+                blocked.append(jobs[0])
+                await release_first.wait()
+            if failing & set(ids):
+                failing.clear()
+                raise psycopg.OperationalError("connection lost (injected)")
+            return await real_fetch(ids)
+
+        holder.hub._fetch = fetch
+        jobs: list[int] = []
+        async with holder as hub:
+            try:
+                with psycopg.connect(db_url, autocommit=True) as conn:
+                    def finish_new(n: int) -> tuple[int, asyncio.Future]:
+                        job_id = queue.enqueue("report.payments", {"n": n}, conn=conn).id
+                        jobs.append(job_id)
+                        waiter = hub.register(job_id)
+                        return job_id, waiter
+
+                    first, waiting_first = finish_new(1)
+                    _finish(conn, first)
+                    for _ in range(300):                 # until its read is stuck
+                        if blocked:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert blocked == [first]
+                    second, waiting_second = finish_new(2)
+                    _finish(conn, second)
+                    view = await asyncio.wait_for(waiting_second, 30)
+                    assert view.state == "succeeded" and not waiting_first.done()
+                    third, waiting_third = finish_new(3)
+                    failing.add(third)                   # its first read fails
+                    _finish(conn, third)
+                    assert (await asyncio.wait_for(waiting_third, 30)).state == "succeeded"
+                    assert not failing and holder.reads[third] == 1   # the retry's read
+                    assert not waiting_first.done()
+            finally:
+                release_first.set()
+            assert (await asyncio.wait_for(waiting_first, 30)).state == "succeeded"
+
+    asyncio.run(main())
