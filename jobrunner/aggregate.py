@@ -17,7 +17,9 @@ rows, so:
   stay exact (see `_Accumulator`);
 * the table is split into block (ctid) ranges read in parallel on several
   connections, all in one exported REPEATABLE READ snapshot, so the parts add up to
-  one consistent picture of the table even while others write to it.
+  one consistent picture of the table even while others write to it. A table small
+  enough for one part is read by one plain autocommit COPY instead (one statement
+  reads one snapshot by itself).
 
 Memory is bounded by the block and batch sizes, the number of connections and the
 number of distinct users, never by the number of rows.
@@ -30,13 +32,14 @@ URL (POOL_SIZE connections at most, none kept open when idle for IDLE_SECONDS).
 `payments()` stays synchronous: it hands the work to that loop and waits. Concurrent
 calls share the pool: a call waits for its first connection only and splits the
 table into as many parts as it then gets connections (see _Pool), so calls never
-wait on each other's half-acquired connections. Every call still locks the table and
-exports its own snapshot in its own transactions, always ended; the pool resets a
-connection when it comes back. A pooled connection that died while idle (server
-restart) fails on the call's first statement: the pool drops its idle connections and
-the call starts over once, on new ones. A connection lost later is an error
-(errors.DatabaseUnavailable), as is one that cannot be opened. Pools are closed at
-interpreter exit.
+wait on each other's half-acquired connections. A parallel read locks the table and
+exports its own snapshot in its own transactions, always ended, and sets only
+transaction-local settings, so a connection goes back to the pool with no session
+state (asyncpg still rolls back a transaction left open; see _keep_session). A pooled
+connection that died while idle (server restart) fails on the call's first statement:
+the pool drops its idle connections and the call starts over once, on new ones. A
+connection lost later is an error (errors.DatabaseUnavailable), as is one that cannot
+be opened. Pools are closed at interpreter exit.
 """
 from __future__ import annotations
 
@@ -624,8 +627,8 @@ async def _payments_once(pool: _Pool, parallelism: int, batch_rows: int,
     finally:
         for conn in held:
             _mark_used(conn)
-        # release resets each connection (ROLLBACK if still in a transaction, RESET ALL);
-        # a connection that cannot be reset is closed by the pool
+        # release rolls back a transaction still open (see _keep_session); a connection
+        # that cannot be reset is closed by the pool
         await asyncio.gather(*(pool.pool.release(c) for c in held), return_exceptions=True)
         if taken:
             await pool.give_back(taken)
