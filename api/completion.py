@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+from itertools import islice
 from typing import Any, Awaitable, Callable, Iterable
 
 import psycopg
@@ -65,7 +66,7 @@ class CompletionHub:
         self.recheck_every = recheck_every
         self.backoff = backoff
         self.batch = batch
-        self.reads = reads
+        self.reads = max(1, reads)
         self._waiters: dict[int, set[asyncio.Future]] = {}
         self._pending: dict[int, None] = {}      # notified job ids, oldest first
         self._read_tasks: set[asyncio.Task] = set()
@@ -179,14 +180,23 @@ class CompletionHub:
             await self._wake.wait()
             self._wake.clear()
             while self._pending and len(self._read_tasks) < self.reads:
-                ids = list(self._pending)
-                self._pending = dict.fromkeys(ids[self.batch:])
-                chunk = [job_id for job_id in ids[:self.batch] if job_id in self._waiters]
+                chunk = self._take_batch()
                 if not chunk:
-                    continue
+                    break
                 task = asyncio.create_task(self._read_and_resolve(chunk), name="completion-read")
                 self._read_tasks.add(task)
                 task.add_done_callback(self._read_done)
+
+    def _take_batch(self) -> list[int]:
+        """Up to `batch` of the oldest pending ids that someone still waits for (the
+        others are dropped), in O(batch) Python steps whatever the number pending."""
+        chunk: list[int] = []
+        while self._pending and len(chunk) < self.batch:
+            for job_id in list(islice(self._pending, self.batch - len(chunk))):
+                del self._pending[job_id]
+                if job_id in self._waiters:
+                    chunk.append(job_id)
+        return chunk
 
     def _read_done(self, task: asyncio.Task) -> None:
         self._read_tasks.discard(task)
@@ -203,7 +213,8 @@ class CompletionHub:
             log.warning("listener: reading %d job(s) failed (%s); retrying in %.1fs",
                         len(chunk), exc, delay)
             await asyncio.sleep(delay)     # holds its read slot: no retry storm
-            self._pending.update(dict.fromkeys(chunk))
+            # back at the front: these were notified before anything pending now
+            self._pending = {**dict.fromkeys(chunk), **self._pending}
             return
         self._retry_delay = self.backoff[0]
         for job_id in chunk:
