@@ -16,9 +16,8 @@ waiters.
 - Dispatch is O(1) per notification: a dict lookup of the job id; ids that someone
   waits for are collected and fetched in one query per batch (up to `reads` batches in
   flight, oldest notifications first), and every waiter of each job is resolved with
-  that one read (`view.final` only). Waiters
-  hold no database connection while they wait; on the hot path nothing is done per
-  waiter but resolving its future.
+  that one read (`view.final` only). Waiters hold no database connection while they
+  wait; on the hot path nothing is done per waiter but resolving its future.
 - Notifications sent while the listener was disconnected are lost, so after every
   (re)connection every job someone waits for is read again (one query), and as a
   safety net every `recheck_every` seconds too. Handlers also re-read at their

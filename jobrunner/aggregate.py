@@ -519,8 +519,8 @@ def _close_at_exit() -> None:
         runner.close()
 
 
-async def _first_statement(conn, reused: bool, statement):
-    """Await `statement()`, the call's first statement on `conn`. On a connection that
+async def _first_statement(reused: bool, statement):
+    """Await `statement()`, the call's first statement on its connection. On one that
     came idle from the pool, a failure other than an SQL error (a connection error, or
     asyncpg's protocol finding the server's goodbye message unread) means the
     connection died meanwhile."""
@@ -536,7 +536,7 @@ async def _first_statement(conn, reused: bool, statement):
 async def _begin(conn, reused: bool):
     """Start a read-only REPEATABLE READ transaction on `conn` (see _first_statement)."""
     tx = conn.transaction(isolation="repeatable_read", readonly=True)
-    await _first_statement(conn, reused, tx.start)
+    await _first_statement(reused, tx.start)
     return tx
 
 
@@ -577,7 +577,7 @@ async def _payments_once(pool: _Pool, parallelism: int, batch_rows: int,
         taken = 1
         first = await pool.acquire()
         held.append(first)
-        nblocks = await _first_statement(first, _was_used(first),
+        nblocks = await _first_statement(_was_used(first),
                                          lambda: first.fetchval(q["payments_blocks"]))
         if parallelism <= 1 or len(split_blocks(nblocks, parallelism, min_blocks)) == 1:
             # One part: one COPY statement, in autocommit, reads one snapshot and locks
